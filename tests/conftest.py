@@ -1,0 +1,32 @@
+"""Shared test settings: Triton's CPU interpreter, tolerances per dtype, the relative-error measure."""
+
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported: set it before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+# Relative error ||out - ref|| / ||ref|| against the float64 reference (TARGETS.md).
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+# Gradients pass through a reverse recurrence and reductions over seqlen: one more order of accumulation error.
+GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64; NaN anywhere gives inf so it can never pass."""
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    denom = b.norm().item()
+    return (a - b).norm().item() / max(denom, 1e-30)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
