@@ -145,7 +145,7 @@ def selective_scan_chunked(
         y = y * F.silu(z.to(acc))
     out = y.to(out_dtype)
     if return_last_state:
-        return out, h.reshape(batch, dim, d_state)
+        return out, h.reshape(batch, dim, d_state).clone()  # detach from the last chunk's buffer
     return out
 
 

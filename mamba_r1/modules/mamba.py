@@ -1,0 +1,290 @@
+"""MambaBlock: the Mamba-1 mixer (Gu & Dao, 2023) with padding masks, chunked prefill and O(1) decoding.
+
+Data flow for one row (parameter names follow mamba-ssm's ``Mamba`` so readers and checkpoints map one to one):
+    x (seqlen, d_model) --in_proj--> x_in, z                              (seqlen, d_inner) each
+    x_in --causal depthwise conv1d (kernel d_conv)--> SiLU --> u          (seqlen, d_inner)
+    u --x_proj--> dt_low (dt_rank), B, C (d_state each);  dt_low --dt_proj weight--> delta (d_inner)
+    selective_scan(u, delta, A = -exp(A_log), B, C, D, z, delta_bias = dt_proj.bias, softplus) --out_proj--> y
+
+Recurrent state between calls (``MambaState``): the last d_conv - 1 conv inputs and the SSM state h.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from mamba_r1.ops.selective_scan import BACKENDS, selective_scan
+from mamba_r1.ops.state_update import selective_state_update
+
+DT_INITS = ("random", "constant")
+
+
+@dataclass
+class MambaState:
+    """What a MambaBlock carries from one call to the next.
+
+    conv_state: (batch, d_inner, d_conv - 1) in the activation dtype: the last d_conv - 1 inputs of the conv.
+    ssm_state:  (batch, d_inner, d_state) float32: the selective-scan state h.
+    """
+
+    conv_state: torch.Tensor
+    ssm_state: torch.Tensor
+
+
+class MambaBlock(nn.Module):
+    """The Mamba-1 mixer: ``forward(x, mask=None, state=None)`` for sequences, ``step(x_t, state)`` for decoding.
+
+    Padded positions (mask False) leave both states untouched and output exactly zero, so a row's real-token outputs
+    and final state do not depend on how it was padded.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        scan_backend: str = "auto",
+        layer_idx: int | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if not expand > 0 or int(expand * d_model) < 1:
+            raise ValueError(f"expand must be > 0 with int(expand * d_model) >= 1; got expand={expand!r}")
+        if dt_rank != "auto" and (not isinstance(dt_rank, int) or dt_rank < 1):
+            raise ValueError(f"dt_rank must be 'auto' or a positive int; got {dt_rank!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"dt_min and dt_max must satisfy 0 < dt_min <= dt_max; got {dt_min!r}, {dt_max!r}")
+        if dt_init not in DT_INITS:
+            raise ValueError(f"dt_init must be one of {DT_INITS}; got {dt_init!r}")
+        if scan_backend not in BACKENDS:
+            raise ValueError(f"scan_backend must be one of {BACKENDS}; got {scan_backend!r}")
+        factory = dict(device=device, dtype=dtype)
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.scan_backend = scan_backend
+        self.layer_idx = layer_idx
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        # No built-in padding: forward prepends the left context itself (zeros, or the carried conv state).
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner, bias=conv_bias,
+                                **factory)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+        # The bias is passed to the scan as delta_bias (added before the softplus there), not applied by the Linear.
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self._init_dt_proj(dt_init, dt_scale, dt_min, dt_max, dt_init_floor)
+
+        # S4D-real: A[d, n] = -(n + 1) for every channel, stored as a log so A stays negative under training.
+        # Kept float32 whatever `dtype` is: exp(dt * A) over long sequences needs the mantissa.
+        A = repeat(torch.arange(1, d_state + 1, dtype=torch.float32, device=device), "state -> dim state",
+                   dim=self.d_inner)
+        self.A_log = nn.Parameter(torch.log(A).contiguous())  # (d_inner, d_state)
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, dtype=torch.float32, device=device))  # (d_inner,)
+        self.D._no_weight_decay = True
+
+    @torch.no_grad()
+    def _init_dt_proj(self, dt_init: str, dt_scale: float, dt_min: float, dt_max: float, dt_init_floor: float):
+        """Mamba paper's dt initialisation: softplus(dt_proj.bias) is log-uniform in [dt_min, dt_max]."""
+        std = self.dt_rank ** -0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, std)
+        else:
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+        device = self.dt_proj.bias.device
+        log_dt = torch.rand(self.d_inner, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        dt = torch.exp(log_dt).clamp(min=dt_init_floor)
+        # Inverse of softplus: dt + log(1 - exp(-dt)), written with expm1 to stay accurate for small dt.
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        # Tells a model-level initialiser not to overwrite this bias (mamba-ssm's convention).
+        self.dt_proj.bias._no_reinit = True
+
+    # ------------------------------------------------------------------ state
+
+    def allocate_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
+        """Zero state for ``batch_size`` rows; dtype is the conv state's (activations'), the SSM state is float32."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+        device = self.in_proj.weight.device if device is None else device
+        dtype = self.in_proj.weight.dtype if dtype is None else dtype
+        conv_state = torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype)
+        ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32)
+        return MambaState(conv_state=conv_state, ssm_state=ssm_state)
+
+    def _check_state(self, state, batch: int) -> None:
+        if not isinstance(state, MambaState):
+            raise TypeError(f"state must be a MambaState (see allocate_state); got {type(state).__name__}")
+        expected = (batch, self.d_inner, self.d_conv - 1)
+        if tuple(state.conv_state.shape) != expected:
+            raise ValueError(f"state.conv_state must be (batch, d_inner, d_conv - 1) = {expected}; "
+                             f"got {tuple(state.conv_state.shape)}")
+        expected = (batch, self.d_inner, self.d_state)
+        if tuple(state.ssm_state.shape) != expected:
+            raise ValueError(f"state.ssm_state must be (batch, d_inner, d_state) = {expected}; "
+                             f"got {tuple(state.ssm_state.shape)}")
+        if state.ssm_state.dtype != torch.float32:
+            raise TypeError(f"state.ssm_state must be float32; got dtype {state.ssm_state.dtype}")
+
+    def _check_forward_args(self, x, mask, state) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"x must be a floating-point torch.Tensor; got {got}")
+        if x.dim() != 3 or x.shape[-1] != self.d_model or x.shape[1] < 1:
+            raise ValueError(f"x must be (batch, seqlen, d_model) with d_model={self.d_model} and seqlen >= 1; "
+                             f"got shape {tuple(x.shape)}")
+        batch, seqlen, _ = x.shape
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise TypeError(f"mask must be a bool tensor (True = real token); got {got}")
+            if tuple(mask.shape) != (batch, seqlen):
+                raise ValueError(f"mask must be (batch, seqlen) = {(batch, seqlen)}; got {tuple(mask.shape)}")
+        if state is not None:
+            self._check_state(state, batch)
+
+    # ------------------------------------------------------------------ sequences
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (batch, seqlen, d_model)
+        mask: torch.Tensor | None = None,  # (batch, seqlen) bool, True = real token
+        state: MambaState | None = None,
+    ):
+        """Returns y (batch, seqlen, d_model), or ``(y, new_state)`` when ``state`` is given.
+
+        ``state`` is read, not modified; ``new_state`` holds fresh tensors (the state after the last real token).
+        """
+        self._check_forward_args(x, mask, state)
+        if mask is not None:
+            # Pad embeddings may be anything (even uninitialised memory); zeros keep NaN/inf out of 0 * x products.
+            x = x.masked_fill(~mask[..., None], 0.0)
+        xz = rearrange(self.in_proj(x), "batch seqlen dim -> batch dim seqlen")
+        x_in, z = xz.chunk(2, dim=1)  # (batch, d_inner, seqlen) each
+        conv_out, conv_state = self._causal_conv(x_in, mask, None if state is None else state.conv_state)
+        u = F.silu(conv_out)  # (batch, d_inner, seqlen)
+
+        x_dbl = self.x_proj(rearrange(u, "batch dim seqlen -> batch seqlen dim"))
+        dt_low, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = rearrange(F.linear(dt_low, self.dt_proj.weight), "batch seqlen dim -> batch dim seqlen")
+        if mask is not None:
+            # softplus(-inf) = 0 exactly: dt = 0 makes the step the identity on h (decay exp(0) = 1, input 0).
+            delta = delta.masked_fill(~mask[:, None, :], float("-inf"))
+        B = rearrange(B, "batch seqlen state -> batch state seqlen").contiguous()
+        C = rearrange(C, "batch seqlen state -> batch state seqlen").contiguous()
+
+        scanned = selective_scan(
+            u, delta.contiguous(), -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            initial_state=None if state is None else state.ssm_state, return_last_state=state is not None,
+            backend=self.scan_backend,
+        )
+        out, ssm_state = scanned if state is not None else (scanned, None)  # out: (batch, d_inner, seqlen)
+        if ssm_state is not None:
+            # A backend may return a view into a per-chunk buffer; the carried state lives for a whole generation.
+            ssm_state = ssm_state.clone(memory_format=torch.contiguous_format)
+        y = self.out_proj(rearrange(out, "batch dim seqlen -> batch seqlen dim"))  # (batch, seqlen, d_model)
+        if mask is not None:
+            y = y.masked_fill(~mask[..., None], 0.0)
+        if state is None:
+            return y
+        return y, MambaState(conv_state=conv_state, ssm_state=ssm_state)
+
+    def _causal_conv(
+        self,
+        x_in: torch.Tensor,  # (batch, d_inner, seqlen)
+        mask: torch.Tensor | None,  # (batch, seqlen) bool
+        context: torch.Tensor | None,  # (batch, d_inner, d_conv - 1): inputs before x_in[..., 0]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Causal depthwise conv over real tokens only. Returns (out (batch, d_inner, seqlen), new conv state or None).
+
+        With a mask, each row is compacted so its real tokens come first in order; the conv then never sees a pad
+        between two real tokens, and the pads (all at the end) cannot reach real outputs through a causal kernel.
+        """
+        batch, d_inner, seqlen = x_in.shape
+        width = self.d_conv - 1
+        weight, bias = self.conv1d.weight, self.conv1d.bias  # (d_inner, 1, d_conv), (d_inner,)
+        if mask is None and context is None:
+            out = F.conv1d(x_in, weight, bias, padding=width, groups=d_inner)[..., :seqlen]
+            return out, None
+
+        order = None
+        if mask is not None:
+            # Stable sort on "is pad" puts real tokens first, keeping their order.
+            order = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True)  # (batch, seqlen)
+            x_in = x_in.gather(-1, repeat(order, "batch seqlen -> batch dim seqlen", dim=d_inner))
+        if context is None:
+            context = x_in.new_zeros(batch, d_inner, width)
+        padded = torch.cat([context.to(x_in.dtype), x_in], dim=-1)  # (batch, d_inner, width + seqlen)
+        out = F.conv1d(padded, weight, bias, groups=d_inner)  # (batch, d_inner, seqlen)
+
+        # The new state is the last `width` real inputs, reaching back into the context when a row has fewer.
+        if mask is None:
+            # A copy, not a slice: the state outlives this call and must not pin the whole (.., seqlen) buffer.
+            conv_state = padded[..., seqlen:].clone(memory_format=torch.contiguous_format)
+        else:
+            last = mask.sum(-1)[:, None] + torch.arange(width, device=x_in.device)  # (batch, width) into `padded`
+            conv_state = padded.gather(-1, repeat(last, "batch width -> batch dim width", dim=d_inner))
+
+        if order is not None:
+            inverse = torch.argsort(order, dim=-1)  # position of each original token in the compacted row
+            out = out.gather(-1, repeat(inverse, "batch seqlen -> batch dim seqlen", dim=d_inner))
+        return out, conv_state
+
+    # ------------------------------------------------------------------ decoding
+
+    def step(self, x_t: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
+        """One token: x_t (batch, d_model) -> y_t (batch, d_model). Updates ``state`` in place and returns it.
+
+        Fixed shapes and no allocation that grows with the position, so a decode loop can be CUDA-graphed.
+        """
+        if not isinstance(x_t, torch.Tensor) or not x_t.is_floating_point():
+            got = x_t.dtype if isinstance(x_t, torch.Tensor) else type(x_t).__name__
+            raise TypeError(f"x_t must be a floating-point torch.Tensor; got {got}")
+        if x_t.dim() != 2 or x_t.shape[-1] != self.d_model:
+            raise ValueError(f"x_t must be (batch, d_model) with d_model={self.d_model}; got shape {tuple(x_t.shape)}")
+        self._check_state(state, x_t.shape[0])
+
+        x_in, z = self.in_proj(x_t).chunk(2, dim=-1)  # (batch, d_inner) each
+        window = torch.cat([state.conv_state.to(x_in.dtype), x_in[..., None]], dim=-1)  # (batch, d_inner, d_conv)
+        # float32 accumulation, like the conv kernels use in forward.
+        conv_out = (window.float() * rearrange(self.conv1d.weight.float(), "dim 1 width -> dim width")).sum(-1)
+        if self.conv1d.bias is not None:
+            conv_out = conv_out + self.conv1d.bias.float()
+        state.conv_state.copy_(window[..., 1:])
+        u = F.silu(conv_out.to(x_in.dtype))  # (batch, d_inner)
+
+        dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt_low, self.dt_proj.weight)  # (batch, d_inner)
+        y = selective_state_update(state.ssm_state, u, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(),
+                                   z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True)  # (batch, d_inner)
+        return self.out_proj(y), state
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
+                f"dt_rank={self.dt_rank}, scan_backend={self.scan_backend!r}, layer_idx={self.layer_idx}")
+
+
+__all__ = ["MambaBlock", "MambaState"]

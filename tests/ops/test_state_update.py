@@ -1,0 +1,154 @@
+"""selective_state_update: T one-token steps reproduce the sequential scan over T tokens; state updated in place."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mamba_r1.ops import selective_scan_ref, selective_state_update
+from mamba_r1.ops.selective_scan.ref import selective_scan_ref_float64
+from tests.conftest import GRAD_TOL, TOL, rel_err
+
+
+def make_inputs(batch, dim, seqlen, d_state, groups=0, dtype=torch.float32, with_D=True, with_z=True,
+                with_bias=True):
+    """Scan-layout inputs (seqlen last) in Mamba's ranges; A = -(1..d_state) jittered, softplus(delta) ~ 0.05."""
+    bc_shape = (batch, d_state, seqlen) if groups == 0 else (batch, groups, d_state, seqlen)
+    return dict(
+        u=torch.randn(batch, dim, seqlen, dtype=dtype),
+        delta=(0.5 * torch.randn(batch, dim, seqlen) + math.log(math.expm1(0.05))).to(dtype),
+        A=-(torch.arange(1, d_state + 1, dtype=torch.float32).repeat(dim, 1) * (0.5 + torch.rand(dim, d_state))),
+        B=torch.randn(*bc_shape, dtype=dtype),
+        C=torch.randn(*bc_shape, dtype=dtype),
+        D=torch.randn(dim) if with_D else None,
+        z=torch.randn(batch, dim, seqlen, dtype=dtype) if with_z else None,
+        delta_bias=0.1 * torch.randn(dim) if with_bias else None,
+        initial_state=torch.randn(batch, dim, d_state),
+    )
+
+
+def run_steps(args, delta_softplus):
+    """Feed the scan-layout inputs one token at a time; returns (out (batch, dim, seqlen), final state)."""
+    state = args["initial_state"].clone()
+    outs = []
+    for t in range(args["u"].shape[-1]):
+        outs.append(selective_state_update(
+            state, args["u"][..., t], args["delta"][..., t], args["A"], args["B"][..., t], args["C"][..., t],
+            D=args["D"], z=None if args["z"] is None else args["z"][..., t], dt_bias=args["delta_bias"],
+            dt_softplus=delta_softplus))
+    return torch.stack(outs, dim=-1), state
+
+
+def _groups_for(dim, pick):
+    divisors = [g for g in (1, 2, 3, 4) if dim % g == 0]
+    return 0 if pick == 0 else divisors[pick % len(divisors)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@settings(deadline=None, max_examples=25)
+@given(
+    batch=st.integers(1, 3),
+    dim=st.sampled_from([1, 3, 6, 12]),
+    seqlen=st.sampled_from([1, 2, 7, 13]),
+    d_state=st.sampled_from([1, 4, 5, 16]),
+    group_pick=st.integers(0, 3),
+    with_D=st.booleans(),
+    with_z=st.booleans(),
+    with_bias=st.booleans(),
+    softplus=st.booleans(),
+)
+def test_steps_match_sequential_scan(dtype, batch, dim, seqlen, d_state, group_pick, with_D, with_z, with_bias,
+                                     softplus):
+    args = make_inputs(batch, dim, seqlen, d_state, _groups_for(dim, group_pick), dtype, with_D, with_z, with_bias)
+    if not softplus:
+        args["delta"] = args["delta"].float().exp().to(dtype)  # positive step sizes without the softplus
+    out, state = run_steps(args, softplus)
+    ref_out, ref_state = selective_scan_ref(**args, delta_softplus=softplus, return_last_state=True)
+    out64, state64 = selective_scan_ref_float64(**args, delta_softplus=softplus, return_last_state=True)
+    assert out.dtype == dtype and state.dtype == torch.float32
+    # Same arithmetic as the reference's loop body: the float32 state agrees to float32 rounding in every dtype.
+    assert rel_err(out, ref_out) <= TOL[dtype]
+    assert rel_err(state, ref_state) <= TOL[torch.float32]
+    assert rel_err(out, out64) <= TOL[dtype]
+    assert rel_err(state, state64) <= TOL[torch.float32]
+
+
+def test_bf16_outputs_equal_reference_rounding():
+    args = make_inputs(2, 8, 9, 16, groups=2, dtype=torch.bfloat16)
+    out, _ = run_steps(args, True)
+    ref_out = selective_scan_ref(**args, delta_softplus=True)
+    # Both round the same float32 value to bf16; allow one-ulp disagreements from float32 reassociation only.
+    assert rel_err(out, ref_out) <= TOL[torch.bfloat16]
+    assert (out == ref_out).float().mean() > 0.95
+
+
+def test_state_is_updated_in_place():
+    args = make_inputs(2, 4, 1, 8)
+    state = args["initial_state"].clone()
+    ptr = state.data_ptr()
+    before = state.clone()
+    selective_state_update(state, args["u"][..., 0], args["delta"][..., 0], args["A"], args["B"][..., 0],
+                           args["C"][..., 0], dt_softplus=True)
+    assert state.data_ptr() == ptr
+    assert not torch.equal(state, before)
+    _, expected = selective_scan_ref(**{**args, "D": None, "z": None, "delta_bias": None, "initial_state": before},
+                                     delta_softplus=True, return_last_state=True)
+    assert rel_err(state, expected) <= TOL[torch.float32]
+
+
+def test_zero_dt_leaves_state_unchanged():
+    args = make_inputs(2, 6, 1, 4)
+    state = args["initial_state"].clone()
+    selective_state_update(state, args["u"][..., 0], torch.zeros(2, 6), args["A"], args["B"][..., 0],
+                           args["C"][..., 0])
+    assert torch.equal(state, args["initial_state"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups", [0, 3])
+def test_one_step_gradients_match_sequential_scan(dtype, groups):
+    # One step only: each step overwrites the state that the previous step's backward saved (see the op's docstring).
+    args = make_inputs(3, 6, 1, 4, groups=groups, dtype=dtype)
+    leaves = {k: t.requires_grad_(True) for k, t in args.items() if k != "initial_state"}
+    grad_out = torch.randn(3, 6, 1)
+
+    out, _ = run_steps(args, True)
+    (out.float() * grad_out).sum().backward()
+    got = {k: t.grad.clone() for k, t in leaves.items()}
+    ref64 = {k: (None if t is None else t.detach().double().requires_grad_(k != "initial_state"))
+             for k, t in args.items()}
+    (selective_scan_ref(**ref64, delta_softplus=True) * grad_out.double()).sum().backward()
+    for name, t in leaves.items():
+        assert rel_err(got[name], ref64[name].grad) <= GRAD_TOL[dtype], name
+
+
+def _valid_step_args():
+    batch, dim, d_state = 2, 6, 4
+    return dict(state=torch.zeros(batch, dim, d_state), x=torch.randn(batch, dim), dt=torch.rand(batch, dim),
+                A=-torch.ones(dim, d_state), B=torch.randn(batch, d_state), C=torch.randn(batch, d_state),
+                D=torch.ones(dim), z=torch.randn(batch, dim), dt_bias=torch.zeros(dim))
+
+
+@pytest.mark.parametrize("name, bad, error, words", [
+    ("state", torch.zeros(2, 6, 4, dtype=torch.bfloat16), TypeError, "float32"),
+    ("state", torch.zeros(2, 6), ValueError, "(batch, dim, d_state)"),
+    ("x", torch.randn(2, 5), ValueError, "(batch, dim)"),
+    ("x", torch.ones(2, 6, dtype=torch.int64), TypeError, "int64"),
+    ("dt", torch.randn(3, 6), ValueError, "(batch, dim)"),
+    ("A", torch.randn(6, 5), ValueError, "(dim, d_state)"),
+    ("B", torch.randn(2, 4, 4), ValueError, "groups"),
+    ("B", torch.randn(2, 5), ValueError, "(batch, d_state)"),
+    ("C", torch.randn(2, 2, 4, 1), ValueError, "(batch, groups, d_state)"),
+    ("D", torch.randn(5), ValueError, "(dim,)"),
+    ("dt_bias", torch.randn(6, 1), ValueError, "(dim,)"),
+    ("z", torch.randn(2, 7), ValueError, "(batch, dim)"),
+    ("x", torch.randn(2, 6, device="meta"), ValueError, "device"),
+])
+def test_bad_inputs_raise_naming_the_argument(name, bad, error, words):
+    args = _valid_step_args()
+    args[name] = bad
+    with pytest.raises(error) as info:
+        selective_state_update(**args)
+    assert name in str(info.value) and words in str(info.value)
