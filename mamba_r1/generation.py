@@ -73,10 +73,13 @@ class GenerationMixin:
         eos_token_id: int | None = None,
         attention_mask: torch.Tensor | None = None,  # (batch, prompt_len) bool/int, 1 = real; prompts left-padded
         seed: int | None = None,
+        cuda_graph: bool = False,
     ) -> torch.Tensor:  # (batch, prompt_len + generated)
         """Sample up to ``max_new_tokens`` tokens after each prompt. Prefill runs one parallel forward, then each
         token costs O(1) per Mamba layer. Rows that emit ``eos_token_id`` continue with it until all rows are done.
-        ``temperature=0`` is greedy. Batched, left-padded prompts give the same tokens as each prompt alone."""
+        ``temperature=0`` is greedy. Batched, left-padded prompts give the same tokens as each prompt alone.
+        ``cuda_graph=True`` (CUDA, models without attention layers) captures one decoding step as a CUDA graph and
+        replays it per token, removing the launch overhead that dominates small-batch decoding."""
         if self.embedding is None:
             raise ValueError("generate needs a model with vocab_size set (token ids in, logits out)")
         if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dim() != 2:
@@ -105,9 +108,14 @@ class GenerationMixin:
         if seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
         batch, prompt_len = input_ids.shape
+        if cuda_graph and (input_ids.device.type != "cuda" or self.config.has_attention):
+            raise ValueError("cuda_graph=True needs CUDA tensors and a model without attention layers (a KV cache "
+                             f"grows, a graph's shapes cannot); got device {input_ids.device}, attention layers "
+                             f"{[i for i in range(self.config.depth) if self.config.mixer_kind(i) == 'attention']}")
         cache = self.allocate_cache(batch, max_seqlen=prompt_len + max_new_tokens)
         try:
             logits = self(input_ids, mask=mask, cache=cache)[:, -1]  # (batch, vocab)
+            step = self.step if not cuda_graph else _GraphedStep(self, cache)
             out = [input_ids]
             done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
             for i in range(max_new_tokens):
@@ -119,7 +127,38 @@ class GenerationMixin:
                 if eos_token_id is not None and bool(done.all()):
                     break
                 if i + 1 < max_new_tokens:
-                    logits = self.step(token, cache)
+                    logits = step(token, cache)
         finally:
             self.train(was_training)
         return torch.cat(out, dim=1)
+
+
+class _GraphedStep:
+    """model.step(token, cache) captured once as a CUDA graph over a cache of its own, then replayed per token.
+
+    Every tensor a step touches lives at a fixed address: the token buffer, the graph's cache (the prefilled cache is
+    copied into it), the logits. Valid because a Mamba step updates its state in place and never syncs with the host.
+    """
+
+    def __init__(self, model, prefilled: InferenceCache):
+        batch = prefilled.batch_size
+        self.cache = model.allocate_cache(batch)
+        self.token = torch.zeros(batch, dtype=torch.long, device=prefilled.positions.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, autotuning), on the graph's cache
+            for _ in range(2):
+                model.step(self.token, self.cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.step(self.token, self.cache)
+        for mine, theirs in zip(self.cache.states, prefilled.states):
+            mine.conv_state.copy_(theirs.conv_state)
+            mine.ssm_state.copy_(theirs.ssm_state)
+        self.cache.positions.copy_(prefilled.positions)
+
+    def __call__(self, token: torch.Tensor, cache: InferenceCache) -> torch.Tensor:  # (batch,) -> (batch, vocab)
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.logits

@@ -1,0 +1,70 @@
+"""MambaBlock forward+backward throughput (tokens/s); mamba-ssm's Mamba beside it when importable.
+
+GPU (TARGETS.md: MambaBlock(1024), bf16, batch 8 x 2048; mamba-ssm 4.40 ms = 3.72 M tokens/s):
+    python benchmarks/bench_block.py --device cuda
+CPU:
+    python benchmarks/bench_block.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import device_name, median_ms, write_json  # noqa: E402
+
+from mamba_r1 import MambaBlock  # noqa: E402
+
+MAMBA_SSM_H100_MS = 4.40  # TARGETS.md, batch 8 x 2048, d_model 1024
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--d-model", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seqlen", type=int, default=None)
+    p.add_argument("--backends", default=None, help="scan backends, comma-separated")
+    a = p.parse_args()
+    cuda = a.device == "cuda"
+    d_model = a.d_model or (1024 if cuda else 256)
+    batch, seqlen = a.batch or (8 if cuda else 2), a.seqlen or (2048 if cuda else 512)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    backends = (a.backends or ("triton" if cuda else "torch")).split(",")
+    rows = []
+    x = torch.randn(batch, seqlen, d_model, device=a.device, dtype=dtype, requires_grad=True)
+    dy = torch.randn_like(x)
+    candidates = [(f"mamba_r1 ({b})", MambaBlock(d_model, d_state=16, d_conv=4, expand=2, scan_backend=b,
+                                                 device=a.device, dtype=dtype)) for b in backends]
+    try:
+        from mamba_ssm import Mamba
+
+        candidates.append(("mamba-ssm Mamba", Mamba(d_model, d_state=16, d_conv=4, expand=2).to(a.device, dtype)))
+    except ImportError:
+        pass
+    for name, block in candidates:
+        def fwd_bwd(block=block):
+            y = block(x)
+            torch.autograd.grad(y, [x] + list(block.parameters()), dy)
+
+        with torch.no_grad():
+            t_fwd = median_ms(lambda: block(x), a.device)
+        t = median_ms(fwd_bwd, a.device)
+        rows.append(dict(name=name, fwd_ms=t_fwd, fwd_bwd_ms=t, mtok_s=batch * seqlen / t / 1e3))
+    print(f"\nMambaBlock({d_model}), {dtype}, batch {batch} x seqlen {seqlen}, {device_name(a.device)}")
+    print(f"{'implementation':24s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} {'M tok/s':>8s}")
+    for r in rows:
+        print(f"{r['name']:24s} {r['fwd_ms']:8.2f} {r['fwd_bwd_ms']:11.2f} {r['mtok_s']:8.2f}")
+    if cuda:
+        print(f"{'mamba-ssm (TARGETS.md)':24s} {'':8s} {MAMBA_SSM_H100_MS:11.2f} "
+              f"{batch * seqlen / MAMBA_SSM_H100_MS / 1e3:8.2f}")
+    write_json(f"block_{a.device}.json", dict(device=device_name(a.device), d_model=d_model, batch=batch,
+                                              seqlen=seqlen, dtype=str(dtype), rows=rows))
+
+
+if __name__ == "__main__":
+    main()
