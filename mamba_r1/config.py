@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mamba_r1.ops.moe_dispatch import DISPATCH_BACKENDS, PRIORITIES
+from mamba_r1.ops.selective_scan import BACKENDS as SCAN_BACKENDS
 
 FFN_KINDS = ("moe", "dense", "none")
 MIXERS = ("mamba", "attention")
@@ -81,6 +85,22 @@ class MambaMoEConfig:
         if self.dt_rank != "auto" and (isinstance(self.dt_rank, bool) or not isinstance(self.dt_rank, int)
                                        or self.dt_rank < 1):
             raise ValueError(f"dt_rank must be 'auto' or an int >= 1; got {self.dt_rank!r}")
+        for name, allowed in (("scan_backend", SCAN_BACKENDS), ("moe_backend", DISPATCH_BACKENDS),
+                              ("router_priority", PRIORITIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}; got {getattr(self, name)!r}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"{name} must be a finite number > 0, or None for no dropping; got {value!r}")
+        if isinstance(self.min_capacity, bool) or not isinstance(self.min_capacity, int) or self.min_capacity < 0:
+            raise ValueError(f"min_capacity must be an int >= 0; got {self.min_capacity!r}")
+        if not 0.0 <= self.jitter_noise < 1.0:
+            raise ValueError(f"jitter_noise must be in [0, 1); got {self.jitter_noise!r}")
+        for name in ("load_balance_coef", "z_loss_coef"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
         if self.ffn not in FFN_KINDS:
             raise ValueError(f"ffn must be one of {FFN_KINDS}; got {self.ffn!r}")
         if self.top_k > self.num_experts:
@@ -103,6 +123,17 @@ class MambaMoEConfig:
             if self.num_heads % kv != 0:
                 raise ValueError(f"num_heads must be a multiple of num_kv_heads; got num_heads={self.num_heads}, "
                                  f"num_kv_heads={kv}")
+            if (self.dim // self.num_heads) % 2 != 0:
+                raise ValueError(f"dim / num_heads (the head dim) must be even for rotary embeddings; got "
+                                 f"dim={self.dim}, num_heads={self.num_heads}")
+            if not self.rope_base > 1:
+                raise ValueError(f"rope_base must be > 1; got {self.rope_base!r}")
+            if self.rope_scaling is None and self.rope_scaling_factor != 1.0:
+                raise ValueError(f"rope_scaling_factor must be 1.0 when rope_scaling is None; got "
+                                 f"{self.rope_scaling_factor!r}")
+            if self.rope_scaling is not None and not self.rope_scaling_factor >= 1:
+                raise ValueError(f"rope_scaling_factor must be >= 1 with rope_scaling={self.rope_scaling!r}; got "
+                                 f"{self.rope_scaling_factor!r}")
         for name in ("norm_eps", "initializer_range"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")

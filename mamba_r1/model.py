@@ -168,6 +168,10 @@ class MambaMoE(GenerationMixin, nn.Module):
         if x.is_floating_point():
             if x.dim() != 3 or x.shape[-1] != c.dim:
                 raise ValueError(f"float x must be (batch, seqlen, dim) with dim={c.dim}; got {tuple(x.shape)}")
+            expected = self.norm_f.weight.dtype
+            if x.dtype != expected and not torch.is_autocast_enabled(x.device.type):
+                raise TypeError(f"float x must have the model's dtype {expected} (or run under autocast); "
+                                f"got dtype {x.dtype}")
             h = x
         elif x.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
             if self.embedding is None:
@@ -234,6 +238,8 @@ class MambaMoE(GenerationMixin, nn.Module):
         """One decoding step: token ids (batch,) or hidden (batch, dim) -> logits (batch, vocab) or hidden."""
         if x_t.dim() != (2 if x_t.is_floating_point() else 1):
             raise ValueError(f"x_t must be token ids (batch,) or hidden (batch, dim); got {tuple(x_t.shape)}")
+        if not x_t.is_floating_point() and self.embedding is None:
+            raise ValueError("integer token ids need a config with vocab_size; this model has vocab_size=None")
         # No value checks here: a host sync per generated token would stall the GPU (prompts were checked).
         h = x_t if x_t.is_floating_point() else self.embedding(x_t.long())  # (batch, dim)
         if self.pos_embedding is not None:
@@ -257,7 +263,9 @@ class MambaMoE(GenerationMixin, nn.Module):
             raise ValueError(f"labels must be (batch, seqlen) = {tuple(input_ids.shape)}; got {tuple(labels.shape)}")
         target = labels[:, 1:].long()
         if mask is not None:
-            target = target.masked_fill(~mask[:, 1:], -100)
+            # A prediction counts when its input (t) and its target (t + 1) are both real tokens: the pad before a
+            # left-padded row's first token predicts nothing, so padding leaves the loss unchanged.
+            target = target.masked_fill(~(mask[:, :-1] & mask[:, 1:]), -100)
         lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100)
         total = lm_loss + aux.loss if aux is not None else lm_loss
         return LMLoss(loss=total, lm_loss=lm_loss, aux=aux)

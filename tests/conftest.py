@@ -17,6 +17,11 @@ GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+# Test tensors are tiny: a second OpenMP thread only adds synchronisation, and on a shared 2-core runner a
+# descheduled thread stalls every parallel region (measured: the model tests take 101 s with 2 threads under load,
+# 5 s with 1).
+torch.set_num_threads(1)
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64; NaN anywhere gives inf so it can never pass."""
