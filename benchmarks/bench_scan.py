@@ -110,6 +110,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    p.add_argument("--shapes", default=None, help="batch,dim,seqlen,d_state[;...]: overrides the preset")
     p.add_argument("--backends", default=None, help="comma-separated; default: ref,torch on CPU, triton on CUDA")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--reps", type=int, default=5)
@@ -129,7 +130,9 @@ def main():
         selective_scan_fn = None
 
     rows = []
-    for shape in PRESETS[preset]:
+    shapes = ([tuple(int(v) for v in sh.split(",")) for sh in a.shapes.split(";")] if a.shapes
+              else PRESETS[preset])
+    for shape in shapes:
         for backend in backends + (["mamba_ssm"] if cuda and selective_scan_fn else []):
             if backend == "ref" and cuda and shape[2] > 8192:
                 continue  # minutes per call; TARGETS.md already records the reference's time

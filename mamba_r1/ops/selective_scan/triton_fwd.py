@@ -1,0 +1,214 @@
+"""Triton forward kernel of the selective scan, plus the block-size table both kernels share.
+
+Layout of the work (see ref.py for the math):
+  * one program per (batch, group, block of BLOCK_D channels inside the group), so a program reads a single group's
+    B and C rows and the channel blocks never straddle two groups;
+  * the program walks the sequence in chunks of CHUNK_L time steps; per chunk it loads the (BLOCK_D, CHUNK_L) tiles of
+    u / delta / z once, then loops over the d_state states, each a parallel scan over time
+    (``tl.associative_scan`` on (decay, input) pairs) of a (BLOCK_D, CHUNK_L) tile;
+  * the running state (BLOCK_D, BLOCK_N) stays in float32 registers between chunks; only the state at each chunk
+    start goes to global memory, as the backward's checkpoint, so (batch, dim, seqlen, d_state) never exists.
+Softplus, the D skip connection and the silu(z) gate are fused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class BlockSizes:
+    chunk_l: int  # time steps per chunk = checkpoint interval (power of two; forward and backward must agree)
+    fwd_block_d: int  # channels per forward program (power of two)
+    fwd_warps: int
+    bwd_block_d: int  # channels per backward program (power of two); the checkpoints do not depend on it
+    bwd_warps: int
+
+
+# GPU tuning edits this table only. "cuda": from a first sweep on an H100 (bf16; block_d 4-32, chunk_l 64-256, 2-8
+# warps; shapes 8x2048x2048x16, 1x2048x65536x16, 8x1024x2048x64): chunk_l 128 is the best length both kernels share;
+# at 8x2048x2048x16 this row gives forward 1.23 ms, forward+backward 6.9 ms (the forward's best alone was 1.11 ms at
+# block_d 4, chunk_l 256). Not yet keyed on the shape. Under the interpreter the blocks are tiny so that small test
+# shapes cross many chunk and block edges, and the two kernels use different block_d on purpose.
+BLOCK_SIZE_TABLE = {
+    "cuda": BlockSizes(chunk_l=128, fwd_block_d=8, fwd_warps=8, bwd_block_d=16, bwd_warps=4),
+    "interpret": BlockSizes(chunk_l=8, fwd_block_d=2, fwd_warps=1, bwd_block_d=4, bwd_warps=1),
+}
+
+
+def interpreting() -> bool:
+    """True when the kernels were built for Triton's CPU interpreter, i.e. TRITON_INTERPRET=1 was set when triton
+    decorated them (at this module's import); setting the variable later changes nothing."""
+    return type(_selective_scan_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def block_sizes() -> BlockSizes:
+    return BLOCK_SIZE_TABLE["interpret" if interpreting() else "cuda"]
+
+
+def num_chunks(seqlen):
+    """Number of CHUNK_L chunks (works on SymInts, so fake tensors get the same checkpoint shape)."""
+    chunk_l = block_sizes().chunk_l
+    return (seqlen + chunk_l - 1) // chunk_l
+
+
+@triton.jit
+def affine_combine(decay_left, value_left, decay_right, value_right):
+    """Compose h -> decay_left * h + value_left, then h -> decay_right * h + value_right."""
+    return decay_left * decay_right, decay_right * value_left + value_right
+
+
+@triton.jit
+def softplus(x):
+    """log(1 + exp(x)) without overflow, and with log1p accuracy for very negative x (small dt keep their digits)."""
+    e = tl.exp(-tl.abs(x))
+    one_plus = 1.0 + e
+    # Kahan's log1p: the ratio e / (one_plus - 1) cancels the rounding of 1 + e.
+    log1p = tl.where(one_plus == 1.0, e, tl.log(one_plus) * (e / (one_plus - 1.0)))
+    return tl.maximum(x, 0.0) + log1p
+
+
+@triton.jit
+def _selective_scan_fwd_kernel(
+    # inputs
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, h0_ptr,
+    # outputs
+    out_ptr, last_state_ptr, ckpt_ptr,
+    # sizes
+    dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks,
+    # strides (the time stride of u, delta, z, B, C, out is 1)
+    stride_u_batch, stride_u_dim,
+    stride_delta_batch, stride_delta_dim,
+    stride_A_dim, stride_A_state,
+    stride_B_batch, stride_B_group, stride_B_state,
+    stride_C_batch, stride_C_group, stride_C_state,
+    stride_z_batch, stride_z_dim,
+    stride_out_batch, stride_out_dim,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    DELTA_SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr,
+):
+    pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
+    pid_batch = tl.program_id(1).to(tl.int64)
+    group = pid_block // blocks_per_group
+    block = pid_block % blocks_per_group
+
+    offs_in_group = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_in_group < dim_per_group
+    offs_d = group * dim_per_group + offs_in_group  # channel index in [0, dim)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < d_state
+    offs_l = tl.arange(0, CHUNK_L)
+
+    # Per-program row bases: this batch element, these channels (u, delta, z, out), this group (B, C).
+    u_rows = u_ptr + pid_batch * stride_u_batch + offs_d[:, None] * stride_u_dim
+    delta_rows = delta_ptr + pid_batch * stride_delta_batch + offs_d[:, None] * stride_delta_dim
+    z_rows = z_ptr + pid_batch * stride_z_batch + offs_d[:, None] * stride_z_dim
+    out_rows = out_ptr + pid_batch * stride_out_batch + offs_d[:, None] * stride_out_dim
+    B_group = B_ptr + pid_batch * stride_B_batch + group * stride_B_group
+    C_group = C_ptr + pid_batch * stride_C_batch + group * stride_C_group
+    A_rows = A_ptr + offs_d * stride_A_dim
+    # Contiguous float32 state tensors: last state / initial state (batch, dim, d_state), checkpoints
+    # (batch, dim, n_chunks, d_state).
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    state_offs = (pid_batch * dim + offs_d[:, None]) * d_state + offs_n[None, :]
+    ckpt_offs = (pid_batch * dim + offs_d[:, None]) * (n_chunks * d_state) + offs_n[None, :]
+
+    if HAS_H0:
+        h = tl.load(h0_ptr + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_DELTA_BIAS:
+        delta_bias = tl.load(delta_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    for chunk in range(n_chunks):
+        tl.store(ckpt_ptr + ckpt_offs + chunk * d_state, h, mask=mask_dn)
+        offs_t = chunk * CHUNK_L + offs_l
+        mask_t = offs_t < seqlen
+        mask_dt = mask_d[:, None] & mask_t[None, :]
+        u = tl.load(u_rows + offs_t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
+        dt = tl.load(delta_rows + offs_t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
+        if HAS_DELTA_BIAS:
+            dt += delta_bias[:, None]
+        if DELTA_SOFTPLUS:
+            dt = softplus(dt)
+        # dt = 0 past the edges makes those steps the identity (decay 1, input 0): the last column of a scan is then
+        # the state at the last real step, and padded channels stay at zero.
+        dt = tl.where(mask_dt, dt, 0.0)
+        dt_u = dt * u
+        if HAS_D:
+            y = D[:, None] * u
+        else:
+            y = tl.zeros((BLOCK_D, CHUNK_L), dtype=tl.float32)
+
+        for n in range(d_state):
+            A_n = tl.load(A_rows + n * stride_A_state, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
+            B_n = tl.load(B_group + n * stride_B_state + offs_t, mask=mask_t, other=0.0).to(tl.float32)  # (CHUNK_L,)
+            C_n = tl.load(C_group + n * stride_C_state + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+            decay = tl.exp(dt * A_n[:, None])
+            decay_cum, h_n = tl.associative_scan((decay, dt_u * B_n[None, :]), 1, affine_combine)
+            is_n = offs_n[None, :] == n
+            h_start = tl.sum(tl.where(is_n, h, 0.0), axis=1)  # state n at the chunk start, (BLOCK_D,)
+            h_n += decay_cum * h_start[:, None]
+            y += h_n * C_n[None, :]
+            h_end = tl.sum(tl.where(offs_l[None, :] == CHUNK_L - 1, h_n, 0.0), axis=1)
+            h = tl.where(is_n, h_end[:, None], h)
+
+        if HAS_Z:
+            z = tl.load(z_rows + offs_t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
+            y *= z * tl.sigmoid(z)
+        tl.store(out_rows + offs_t[None, :], y.to(out_ptr.dtype.element_ty), mask=mask_dt)
+
+    tl.store(last_state_ptr + state_offs, h, mask=mask_dn)
+
+
+def selective_scan_fwd_launch(
+    u: torch.Tensor,  # (batch, dim, seqlen), time stride 1
+    delta: torch.Tensor,  # (batch, dim, seqlen), time stride 1
+    A: torch.Tensor,  # (dim, d_state)
+    B: torch.Tensor,  # (batch, groups, d_state, seqlen), time stride 1
+    C: torch.Tensor,  # (batch, groups, d_state, seqlen), time stride 1
+    D: torch.Tensor | None,  # (dim,) contiguous
+    z: torch.Tensor | None,  # (batch, dim, seqlen), time stride 1
+    delta_bias: torch.Tensor | None,  # (dim,) contiguous
+    initial_state: torch.Tensor | None,  # (batch, dim, d_state) float32 contiguous
+    delta_softplus: bool,
+    out: torch.Tensor,  # (batch, dim, seqlen), time stride 1: written
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel into ``out``; return (last_state (batch, dim, d_state), checkpoints
+    (batch, dim, n_chunks, d_state)), both float32. Inputs are trusted (checked by selective_scan)."""
+    batch, dim, seqlen = u.shape
+    groups, d_state = B.shape[1], A.shape[1]
+    sizes = block_sizes()
+    n_chunks = triton.cdiv(seqlen, sizes.chunk_l)
+    dim_per_group = dim // groups
+    block_d = min(sizes.fwd_block_d, triton.next_power_of_2(dim_per_group))
+    blocks_per_group = triton.cdiv(dim_per_group, block_d)
+    last_state = torch.empty(batch, dim, d_state, device=u.device, dtype=torch.float32)
+    ckpt = torch.empty(batch, dim, n_chunks, d_state, device=u.device, dtype=torch.float32)
+    # Absent optional inputs are never read (their HAS_* flag is False): any tensor stands in for the pointer.
+    D_arg, z_arg, bias_arg, h0_arg = (t if t is not None else u for t in (D, z, delta_bias, initial_state))
+    grid = (groups * blocks_per_group, batch)
+    _selective_scan_fwd_kernel[grid](
+        u, delta, A, B, C, D_arg, z_arg, bias_arg, h0_arg,
+        out, last_state, ckpt,
+        dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks,
+        u.stride(0), u.stride(1),
+        delta.stride(0), delta.stride(1),
+        A.stride(0), A.stride(1),
+        B.stride(0), B.stride(1), B.stride(2),
+        C.stride(0), C.stride(1), C.stride(2),
+        z_arg.stride(0), z_arg.stride(1),
+        out.stride(0), out.stride(1),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
+        HAS_H0=initial_state is not None, DELTA_SOFTPLUS=delta_softplus,
+        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
+        num_warps=sizes.fwd_warps,
+    )
+    return last_state, ckpt

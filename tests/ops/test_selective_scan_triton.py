@@ -1,0 +1,244 @@
+"""selective_scan(backend="triton"): forward, last state and every gradient match the float64 reference; the backward
+keeps no (batch, dim, seqlen, d_state) tensor; the custom op passes opcheck and compiles with fullgraph=True.
+
+Without a GPU the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1), where the block sizes are
+CHUNK_L=8 and BLOCK_D=2 (forward) or 4 (backward), so these small shapes cross chunk and channel-block edges.
+"""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mamba_r1.ops.selective_scan import selective_scan
+from mamba_r1.ops.selective_scan.ref import selective_scan_ref_float64
+from tests.conftest import DEVICE, GRAD_TOL, TOL, rel_err
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make_inputs(batch, dim, seqlen, d_state, groups=0, dtype=torch.float32, with_D=True, with_z=True,
+                with_bias=True, with_initial_state=True, delta_softplus=True):
+    """Inputs in Mamba's ranges (A = -(1..d_state) jittered, dt ~ 0.05; delta is already positive when the scan will
+    not apply softplus). Activations (u, delta, B, C, z) in ``dtype``; parameters and the state in float32, as under
+    autocast."""
+    bc_shape = (batch, d_state, seqlen) if groups == 0 else (batch, groups, d_state, seqlen)
+    delta = 0.5 * torch.randn(batch, dim, seqlen) + math.log(math.expm1(0.05))
+    args = dict(
+        u=torch.randn(batch, dim, seqlen),
+        delta=delta if delta_softplus else torch.nn.functional.softplus(delta),
+        A=-(torch.arange(1, d_state + 1, dtype=torch.float32).repeat(dim, 1) * (0.5 + torch.rand(dim, d_state))),
+        B=torch.randn(*bc_shape),
+        C=torch.randn(*bc_shape),
+        D=torch.randn(dim) if with_D else None,
+        z=torch.randn(batch, dim, seqlen) if with_z else None,
+        delta_bias=0.1 * torch.randn(dim) if with_bias else None,
+        initial_state=torch.randn(batch, dim, d_state) if with_initial_state else None,
+    )
+    for name in ("u", "delta", "B", "C", "z"):
+        if args[name] is not None:
+            args[name] = args[name].to(dtype)
+    return {k: None if v is None else v.to(DEVICE).requires_grad_() for k, v in args.items()}
+
+
+def grads_of(outputs, cotangents, args):
+    """Gradients of sum(output * cotangent) w.r.t. every present input (None for absent ones)."""
+    present = [k for k in NAMES if args[k] is not None]
+    loss = sum((o.double() * c).sum() for o, c in zip(outputs, cotangents))
+    grads = torch.autograd.grad(loss, [args[k] for k in present])
+    return dict(zip(present, grads))
+
+
+def term_magnitudes(args, delta_softplus):
+    """The float64 reference run on the magnitudes of the terms it sums (|u|, |dt|, |B|, |C|, |D|, |h0|, |silu(z)|).
+
+    A float32 kernel rounds each term, so its error scales with these magnitudes, not with the output when the data
+    itself cancels (seqlen 1 with B, C shared by all channels makes every output dt u sum_n B_n C_n, which a draw can
+    make 1e-4 of its terms): the forward error is measured against the larger of the two."""
+    plain = {k: None if v is None else v.detach().double() for k, v in args.items()}
+    dt = plain["delta"] + (0 if plain["delta_bias"] is None else plain["delta_bias"][:, None])
+    dt = torch.nn.functional.softplus(dt) if delta_softplus else dt
+    magnitude = {k: None if v is None else v.abs() for k, v in plain.items()}
+    magnitude.update(delta=dt.abs(), delta_bias=None, z=None, A=plain["A"])
+    y = selective_scan_ref_float64(**magnitude)
+    return y if plain["z"] is None else y * torch.nn.functional.silu(plain["z"]).abs()
+
+
+def check_against_reference(args, delta_softplus, return_last_state, dtype):
+    out = selective_scan(**args, delta_softplus=delta_softplus, return_last_state=return_last_state,
+                         backend="triton")
+    ref = selective_scan_ref_float64(**args, delta_softplus=delta_softplus, return_last_state=return_last_state)
+    outs, refs = (out, ref) if return_last_state else ((out,), (ref,))
+    assert outs[0].dtype == args["u"].dtype and outs[0].shape == refs[0].shape
+    scale = max(refs[0].norm().item(), term_magnitudes(args, delta_softplus).norm().item())
+    err = (outs[0].double() - refs[0]).norm().item() / scale if torch.isfinite(outs[0]).all() else math.inf
+    assert err <= TOL[dtype], f"output: relative error {err:.2e}"
+    if return_last_state:
+        assert outs[1].dtype == torch.float32 and outs[1].shape == refs[1].shape
+        assert rel_err(outs[1], refs[1]) <= TOL[torch.float32]
+
+    # Cotangents representable in the output dtype: autograd rounds them to it before our backward sees them, and the
+    # reference must see the same ones.
+    cotangents = [torch.randn_like(r).to(o.dtype).double() for o, r in zip(outs, refs)]
+    grads = grads_of(outs, cotangents, args)
+    ref_grads = grads_of(refs, cotangents, args)
+    largest = max(g.norm().item() for g in ref_grads.values())
+    for name, grad in grads.items():
+        assert grad.dtype == args[name].dtype and grad.shape == args[name].shape, name
+        if ref_grads[name].norm() == 0:
+            # Structurally zero (dA when seqlen is 1 and there is no initial state: h_t - x_t = 0 exactly). A GPU
+            # kernel's fused multiply-adds leave residue at the rounding level of the products: measure it against
+            # the gradients' scale.
+            err = grad.double().norm().item() / largest
+        else:
+            err = rel_err(grad, ref_grads[name])
+        assert err <= GRAD_TOL[dtype], f"grad of {name}: relative error {err:.2e}"
+
+
+def _groups_for(dim, pick):
+    """0 means 3-D B/C; otherwise a divisor of dim, so some groups hold channel counts that are not multiples of 4."""
+    divisors = [g for g in (1, 2, 3) if dim % g == 0]
+    return 0 if pick == 0 else divisors[pick % len(divisors)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@settings(deadline=None, max_examples=25)
+@given(
+    batch=st.integers(1, 2),
+    dim=st.sampled_from([1, 3, 6]),
+    seqlen=st.sampled_from([1, 2, 8, 11, 17]),
+    d_state=st.sampled_from([1, 2, 3, 5]),
+    group_pick=st.integers(0, 3),
+    with_D=st.booleans(),
+    with_z=st.booleans(),
+    with_bias=st.booleans(),
+    with_initial_state=st.booleans(),
+    softplus=st.booleans(),
+    return_last_state=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_forward_and_gradients_match_float64_reference(dtype, batch, dim, seqlen, d_state, group_pick, with_D,
+                                                       with_z, with_bias, with_initial_state, softplus,
+                                                       return_last_state, seed):
+    torch.manual_seed(seed)
+    args = make_inputs(batch, dim, seqlen, d_state, _groups_for(dim, group_pick), dtype, with_D, with_z, with_bias,
+                       with_initial_state, softplus)
+    check_against_reference(args, softplus, return_last_state, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 5, 9, 16, 0), (1, 2, 3, 64, 2)])
+def test_large_d_state_matches_float64_reference(dtype, shape):
+    batch, dim, seqlen, d_state, groups = shape
+    args = make_inputs(batch, dim, seqlen, d_state, groups, dtype=dtype)
+    check_against_reference(args, delta_softplus=True, return_last_state=True, dtype=dtype)
+
+
+def test_bf16_long_sequence_stays_finite_and_accurate():
+    args = make_inputs(1, 3, 300, 2, dtype=torch.bfloat16)
+    check_against_reference(args, delta_softplus=True, return_last_state=True, dtype=torch.bfloat16)
+
+
+def test_strided_inputs_match_contiguous_ones():
+    batch, dim, seqlen, d_state = 2, 6, 13, 5
+    args = make_inputs(batch, dim, seqlen, d_state)
+    # Layouts seen in Mamba: delta permuted from a (dim, batch * seqlen) matmul, B and C sliced out of one projection,
+    # u a channel slice, the output's gradient expanded (stride 0).
+    delta_t = args["delta"].detach().permute(1, 0, 2).contiguous().permute(1, 0, 2).requires_grad_()
+    BC = torch.cat([args["B"].detach(), args["C"].detach()], dim=1).requires_grad_()
+    wide_u = torch.randn(batch, 2 * dim, seqlen, device=DEVICE, requires_grad=True)
+    strided = dict(args, delta=delta_t, B=BC[:, :d_state], C=BC[:, d_state:], u=wide_u[:, ::2])
+    out = selective_scan(**strided, delta_softplus=True, backend="triton")
+    ref = selective_scan_ref_float64(**strided, delta_softplus=True)
+    assert rel_err(out, ref) <= TOL[torch.float32]
+    cotangent = torch.ones((), device=DEVICE).expand(out.shape)
+    got = torch.autograd.grad(out, [delta_t, BC, wide_u], cotangent)
+    want = torch.autograd.grad(ref, [delta_t, BC, wide_u], cotangent.double())
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= GRAD_TOL[torch.float32]
+
+
+def test_backward_keeps_no_full_state_tensor():
+    from mamba_r1.ops.selective_scan.triton_fwd import num_chunks
+
+    batch, dim, seqlen, d_state = 1, 8, 32, 8
+    args = make_inputs(batch, dim, seqlen, d_state)
+    saved_shapes = []
+
+    def pack(t):
+        saved_shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        selective_scan(**args, delta_softplus=True, backend="triton")
+    # What the backward needs: the inputs and the float32 state at each chunk start, all <= 1/8 of the full states.
+    assert (batch, dim, num_chunks(seqlen), d_state) in saved_shapes, saved_shapes
+    assert max(math.prod(s) for s in saved_shapes) <= batch * dim * seqlen * d_state // 8, saved_shapes
+
+
+def test_custom_ops_pass_opcheck():
+    from mamba_r1.ops.selective_scan.autograd import selective_scan_bwd_op, selective_scan_fwd_op
+
+    args = make_inputs(1, 3, 9, 2)
+    inputs = [args[k] for k in NAMES]
+    torch.library.opcheck(selective_scan_fwd_op, inputs + [True])
+    # The backward op is not itself differentiable (no double backward): check it on plain tensors.
+    plain = [t.detach() for t in inputs]
+    _, last_state, checkpoints = selective_scan_fwd_op(*plain, True)
+    cotangents = [torch.randn_like(plain[0]), torch.randn_like(last_state)]
+    torch.library.opcheck(selective_scan_bwd_op, cotangents + plain + [checkpoints, True])
+
+
+def test_compiles_with_fullgraph():
+    args = make_inputs(2, 3, 10, 3, groups=3, dtype=torch.bfloat16)
+
+    def scan(**kw):
+        out, last = selective_scan(**kw, delta_softplus=True, return_last_state=True, backend="triton")
+        return out.float().sum() + last.sum()
+
+    compiled = torch.compile(scan, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(**args), [args["u"], args["A"], args["B"]])
+    want = torch.autograd.grad(scan(**args), [args["u"], args["A"], args["B"]])
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_float64_raises_type_error_pointing_to_other_backends():
+    args = make_inputs(1, 2, 3, 2)
+    args["u"] = args["u"].double()
+    with pytest.raises(TypeError, match="u of dtype torch.float64.*backend='ref'"):
+        selective_scan(**args, backend="triton")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU path without the interpreter")
+def test_cpu_without_interpreter_raises_actionable_error(monkeypatch):
+    from mamba_r1.ops.selective_scan import triton_fwd
+
+    class CompiledKernelStandIn:  # what @triton.jit returns when TRITON_INTERPRET was not set
+        pass
+
+    monkeypatch.setattr(triton_fwd, "_selective_scan_fwd_kernel", CompiledKernelStandIn())
+    with pytest.raises(RuntimeError, match="backend='torch'.*TRITON_INTERPRET=1"):
+        selective_scan(**make_inputs(1, 2, 3, 2), backend="triton")
+
+
+def test_package_imports_without_triton_and_says_what_to_do():
+    script = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch, mamba_r1, mamba_r1.ops\n"
+        "from mamba_r1.ops import selective_scan\n"
+        "x = torch.randn(1, 2, 3)\n"
+        "try:\n"
+        "    selective_scan(x, x, -torch.ones(2, 1), torch.randn(1, 1, 3), torch.randn(1, 1, 3), backend='triton')\n"
+        "except ImportError as err:\n"
+        "    assert \"backend='torch'\" in str(err), err\n"
+        "    print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
