@@ -11,17 +11,17 @@ Prints a table; writes JSON to benchmarks/results/scan_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from mamba_r1.ops import selective_scan
-from mamba_r1.ops.selective_scan.ref import selective_scan_ref_float64
+sys.path.insert(0, str(Path(__file__).parent))
+from common import device_name, median_ms, write_json  # noqa: E402
+
+from mamba_r1.ops import selective_scan  # noqa: E402
+from mamba_r1.ops.selective_scan.ref import selective_scan_ref_float64  # noqa: E402
 
 PRESETS = {
     # (batch, dim, seqlen, d_state)
@@ -68,24 +68,6 @@ def byte_floor_ms(shape, dtype, bandwidth_gbs, backward):
     return io * el / (bandwidth_gbs * 1e9) * 1e3
 
 
-def timer(device, reps):
-    if device == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=max(100, reps * 10), return_mode="median")
-
-    def cpu_median(fn):
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-    return cpu_median
-
-
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -123,7 +105,9 @@ def main():
     preset = a.preset or ("targets" if cuda else "cpu")
     dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
     backends = (a.backends or ("triton" if cuda else "ref,torch")).split(",")
-    measure = timer(a.device, a.reps)
+    def measure(fn):
+        return median_ms(fn, a.device, a.reps)
+
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # optional anchor
     except ImportError:
@@ -176,8 +160,8 @@ def main():
             r["vs_mamba_ssm_fwd"] = r["fwd_ms"] / anchor[0] if anchor else float("nan")
             r["vs_mamba_ssm_fwd_bwd"] = r["fwd_bwd_ms"] / anchor[1] if anchor else float("nan")
 
-    device_name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nselective_scan, {device_name}, {dtype}, torch {torch.__version__}")
+    name = device_name(a.device)
+    print(f"\nselective_scan, {name}, {dtype}, torch {torch.__version__}")
     head = f"{'shape (b, d, l, n)':24s} {'backend':9s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'x ref fwd':>9s} " \
            f"{'x ref f+b':>9s} {'fwd err':>8s} {'grad err':>8s}"
     if cuda:
@@ -190,11 +174,8 @@ def main():
             line += f" {r['floor_fwd_ms']:6.3f}/{r['floor_fwd_bwd_ms']:6.3f} " \
                     f"{r['vs_mamba_ssm_fwd']:8.2f}, {r['vs_mamba_ssm_fwd_bwd']:7.2f}"
         print(line)
-    out = Path(a.out or Path(__file__).parent / "results" / f"scan_{a.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(device=device_name, torch=torch.__version__, rows=rows), indent=1))
-    print(f"wrote {out}")
-
+    payload = dict(device=name, torch=torch.__version__, rows=rows)
+    write_json(a.out or f"scan_{a.device}.json", payload)
 
 if __name__ == "__main__":
     main()
