@@ -38,6 +38,8 @@ class MambaMoEConfig:
     expand: int = 2
     dt_rank: int | str = "auto"
     scan_backend: str = "auto"
+    # False: dt, B, C are learned constants, not functions of the input (the paper's time-invariant S4-like ablation)
+    selective: bool = True
     # FFN schedule and experts
     ffn: str = "moe"
     moe_every: int = 1
@@ -85,6 +87,8 @@ class MambaMoEConfig:
         if self.dt_rank != "auto" and (isinstance(self.dt_rank, bool) or not isinstance(self.dt_rank, int)
                                        or self.dt_rank < 1):
             raise ValueError(f"dt_rank must be 'auto' or an int >= 1; got {self.dt_rank!r}")
+        if not isinstance(self.selective, bool):
+            raise ValueError(f"selective must be a bool; got {self.selective!r}")
         for name, allowed in (("scan_backend", SCAN_BACKENDS), ("moe_backend", DISPATCH_BACKENDS),
                               ("router_priority", PRIORITIES)):
             if getattr(self, name) not in allowed:

@@ -43,7 +43,8 @@ class MambaMoELayer(nn.Module):
                                              max_seq_len=c.max_seq_len, layer_idx=layer_idx, **factory)
         else:
             self.mixer = MambaBlock(c.dim, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, dt_rank=c.dt_rank,
-                                    scan_backend=c.scan_backend, layer_idx=layer_idx, **factory)
+                                    scan_backend=c.scan_backend, selective=c.selective, layer_idx=layer_idx,
+                                    **factory)
         kind = c.ffn_kind(layer_idx)
         self.ffn_norm = RMSNorm(c.dim, eps=c.norm_eps, **factory) if kind != "none" else None
         if kind == "moe":

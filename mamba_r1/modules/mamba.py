@@ -7,6 +7,10 @@ Data flow for one row (parameter names follow mamba-ssm's ``Mamba`` so readers a
     selective_scan(u, delta, A = -exp(A_log), B, C, D, z, delta_bias = dt_proj.bias, softplus) --out_proj--> y
 
 Recurrent state between calls (``MambaState``): the last d_conv - 1 conv inputs and the SSM state h.
+
+``selective=False`` is the paper's ablation (Table 1, "Mamba" architecture with an S4 layer): dt, B and C become
+learned parameters shared by every position (dt per channel, B and C per state), so the SSM is time-invariant; the
+rest of the block, and the scan / step paths, are unchanged.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class MambaBlock(nn.Module):
         bias: bool = False,
         scan_backend: str = "auto",
         layer_idx: int | None = None,
+        selective: bool = True,
         device=None,
         dtype=None,
     ):
@@ -77,6 +82,8 @@ class MambaBlock(nn.Module):
             raise ValueError(f"dt_init must be one of {DT_INITS}; got {dt_init!r}")
         if scan_backend not in BACKENDS:
             raise ValueError(f"scan_backend must be one of {BACKENDS}; got {scan_backend!r}")
+        if not isinstance(selective, bool):
+            raise ValueError(f"selective must be a bool; got {selective!r}")
         factory = dict(device=device, dtype=dtype)
         self.d_model = d_model
         self.d_state = d_state
@@ -86,16 +93,23 @@ class MambaBlock(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         self.scan_backend = scan_backend
         self.layer_idx = layer_idx
+        self.selective = selective
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
         # No built-in padding: forward prepends the left context itself (zeros, or the carried conv state).
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner, bias=conv_bias,
                                 **factory)
-        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
-        # The bias is passed to the scan as delta_bias (added before the softplus there), not applied by the Linear.
-        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+        if selective:
+            self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+            # The bias is passed to the scan as delta_bias (added before the softplus there), not applied by the Linear.
+            self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+        else:
+            # S4D's initialisation for the time-invariant ablation: B = 1, C ~ N(0, 1); dt as in the selective case.
+            self.dt_bias = nn.Parameter(torch.empty(self.d_inner, **factory))  # (d_inner,)
+            self.B = nn.Parameter(torch.ones(d_state, **factory))  # (d_state,)
+            self.C = nn.Parameter(torch.randn(d_state, **factory))  # (d_state,)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
-        self._init_dt_proj(dt_init, dt_scale, dt_min, dt_max, dt_init_floor)
+        self._init_dt(dt_init, dt_scale, dt_min, dt_max, dt_init_floor)
 
         # S4D-real: A[d, n] = -(n + 1) for every channel, stored as a log so A stays negative under training.
         # Kept float32 whatever `dtype` is: exp(dt * A) over long sequences needs the mantissa.
@@ -107,20 +121,42 @@ class MambaBlock(nn.Module):
         self.D._no_weight_decay = True
 
     @torch.no_grad()
-    def _init_dt_proj(self, dt_init: str, dt_scale: float, dt_min: float, dt_max: float, dt_init_floor: float):
-        """Mamba paper's dt initialisation: softplus(dt_proj.bias) is log-uniform in [dt_min, dt_max]."""
-        std = self.dt_rank ** -0.5 * dt_scale
-        if dt_init == "constant":
-            nn.init.constant_(self.dt_proj.weight, std)
-        else:
-            nn.init.uniform_(self.dt_proj.weight, -std, std)
-        device = self.dt_proj.bias.device
-        log_dt = torch.rand(self.d_inner, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    def _init_dt(self, dt_init: str, dt_scale: float, dt_min: float, dt_max: float, dt_init_floor: float):
+        """Mamba paper's dt initialisation: softplus(dt bias) is log-uniform in [dt_min, dt_max]."""
+        if self.selective:
+            std = self.dt_rank ** -0.5 * dt_scale
+            if dt_init == "constant":
+                nn.init.constant_(self.dt_proj.weight, std)
+            else:
+                nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt_bias = self.dt_proj.bias if self.selective else self.dt_bias  # (d_inner,)
+        log_dt = (torch.rand(self.d_inner, device=dt_bias.device) * (math.log(dt_max) - math.log(dt_min))
+                  + math.log(dt_min))
         dt = torch.exp(log_dt).clamp(min=dt_init_floor)
         # Inverse of softplus: dt + log(1 - exp(-dt)), written with expm1 to stay accurate for small dt.
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         # Tells a model-level initialiser not to overwrite this bias (mamba-ssm's convention).
-        self.dt_proj.bias._no_reinit = True
+        dt_bias._no_reinit = True
+
+    def _ssm_params(
+        self, u: torch.Tensor,  # (batch, d_inner, seqlen)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """delta (batch, d_inner, seqlen) before its bias, B and C (batch, d_state, seqlen), and the bias (d_inner,).
+
+        Selective: all three are projections of u. Otherwise delta is zero (dt = softplus(bias) per channel) and B,
+        C are the same at every position, so nothing about the SSM depends on the input.
+        """
+        if not self.selective:
+            batch, _, seqlen = u.shape
+            B = repeat(self.B.to(u.dtype), "state -> batch state seqlen", batch=batch, seqlen=seqlen)
+            C = repeat(self.C.to(u.dtype), "state -> batch state seqlen", batch=batch, seqlen=seqlen)
+            return torch.zeros_like(u), B.contiguous(), C.contiguous(), self.dt_bias.float()
+        x_dbl = self.x_proj(rearrange(u, "batch dim seqlen -> batch seqlen dim"))
+        dt_low, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = rearrange(F.linear(dt_low, self.dt_proj.weight), "batch seqlen dim -> batch dim seqlen")
+        B = rearrange(B, "batch seqlen state -> batch state seqlen").contiguous()
+        C = rearrange(C, "batch seqlen state -> batch state seqlen").contiguous()
+        return delta, B, C, self.dt_proj.bias.float()
 
     # ------------------------------------------------------------------ state
 
@@ -186,18 +222,14 @@ class MambaBlock(nn.Module):
         conv_out, conv_state = self._causal_conv(x_in, mask, None if state is None else state.conv_state)
         u = F.silu(conv_out)  # (batch, d_inner, seqlen)
 
-        x_dbl = self.x_proj(rearrange(u, "batch dim seqlen -> batch seqlen dim"))
-        dt_low, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = rearrange(F.linear(dt_low, self.dt_proj.weight), "batch seqlen dim -> batch dim seqlen")
+        delta, B, C, delta_bias = self._ssm_params(u)
         if mask is not None:
             # softplus(-inf) = 0 exactly: dt = 0 makes the step the identity on h (decay exp(0) = 1, input 0).
             delta = delta.masked_fill(~mask[:, None, :], float("-inf"))
-        B = rearrange(B, "batch seqlen state -> batch state seqlen").contiguous()
-        C = rearrange(C, "batch seqlen state -> batch state seqlen").contiguous()
 
         scanned = selective_scan(
             u, delta.contiguous(), -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
-            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            delta_bias=delta_bias, delta_softplus=True,
             initial_state=None if state is None else state.ssm_state, return_last_state=state is not None,
             backend=self.scan_backend,
         )
@@ -276,15 +308,23 @@ class MambaBlock(nn.Module):
         state.conv_state.copy_(window[..., 1:])
         u = F.silu(conv_out.to(x_in.dtype))  # (batch, d_inner)
 
-        dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt_low, self.dt_proj.weight)  # (batch, d_inner)
+        if self.selective:
+            dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+            dt = F.linear(dt_low, self.dt_proj.weight)  # (batch, d_inner)
+            dt_bias = self.dt_proj.bias.float()
+        else:
+            batch = u.shape[0]
+            dt, dt_bias = torch.zeros_like(u), self.dt_bias.float()
+            B = repeat(self.B.to(u.dtype), "state -> batch state", batch=batch)  # (batch, d_state)
+            C = repeat(self.C.to(u.dtype), "state -> batch state", batch=batch)
         y = selective_state_update(state.ssm_state, u, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(),
-                                   z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True)  # (batch, d_inner)
+                                   z=z, dt_bias=dt_bias, dt_softplus=True)  # (batch, d_inner)
         return self.out_proj(y), state
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
-                f"dt_rank={self.dt_rank}, scan_backend={self.scan_backend!r}, layer_idx={self.layer_idx}")
+                f"dt_rank={self.dt_rank}, selective={self.selective}, scan_backend={self.scan_backend!r}, "
+                f"layer_idx={self.layer_idx}")
 
 
 __all__ = ["MambaBlock", "MambaState"]

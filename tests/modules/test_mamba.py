@@ -321,3 +321,106 @@ def test_bad_inputs_raise_naming_the_argument(call, error, words):
 def test_bad_constructor_arguments_raise(kwargs, words):
     with pytest.raises(ValueError, match=words):
         MambaBlock(**{"d_model": 16, **kwargs})
+
+
+# ---------------------------------------------------------------- selective=False: the time-invariant ablation
+
+
+def _spy_scan_args(monkeypatch, block, x, step=False):
+    """(dt after bias, B, C) that the block hands to the scan (or, with step=True, to the one-token update)."""
+    import mamba_r1.modules.mamba as mamba_module
+
+    name = "selective_state_update" if step else "selective_scan"
+    real, seen = getattr(mamba_module, name), {}
+
+    def spy(*args, **kwargs):
+        # selective_scan(u, delta, A, B, C, ...); selective_state_update(state, x, dt, A, B, C, ...)
+        dt, _, B, C = args[2:6] if step else args[1:5]
+        bias = kwargs["dt_bias"] if step else kwargs["delta_bias"][:, None]
+        seen.update(dt=F.softplus(dt.float() + bias), B=B, C=C)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mamba_module, name, spy)
+    with torch.no_grad():
+        if step:
+            block.step(x, block.allocate_state(x.shape[0]))
+        else:
+            block(x)
+    monkeypatch.setattr(mamba_module, name, real)
+    return seen
+
+
+@pytest.mark.parametrize("step", [False, True])
+def test_non_selective_dt_B_C_do_not_depend_on_the_input(monkeypatch, step):
+    shape = (2, 24) if step else (2, 9, 24)
+    x1, x2 = torch.randn(shape), 3 * torch.randn(shape)
+    lti = make_block("ref", selective=False)
+    a, b = _spy_scan_args(monkeypatch, lti, x1, step), _spy_scan_args(monkeypatch, lti, x2, step)
+    params = {"dt": F.softplus(lti.dt_bias), "B": lti.B, "C": lti.C}
+    for name in ("dt", "B", "C"):
+        assert torch.equal(a[name], b[name]), name
+        # The same in every row and at every position: the learned value per channel (dt) or per state (B, C).
+        first = a[name][:1] if step else a[name][:1, :, :1]
+        assert torch.equal(a[name], first.expand_as(a[name])), name
+        assert torch.allclose(first.flatten(), params[name].detach()), name
+    # The control: the same spy sees the selective block's dt, B, C change with the input.
+    sel = make_block("ref")
+    a, b = _spy_scan_args(monkeypatch, sel, x1, step), _spy_scan_args(monkeypatch, sel, x2, step)
+    assert all(not torch.allclose(a[name], b[name]) for name in ("dt", "B", "C"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@settings(deadline=None, max_examples=4)
+@given(batch=st.integers(1, 3), seqlen=st.sampled_from([1, 2, 7, 13]), d_conv=st.sampled_from([1, 4]))
+def test_non_selective_step_matches_parallel_forward(backend, dtype, batch, seqlen, d_conv):
+    block = make_block(backend, d_state=4, d_conv=d_conv, dtype=dtype, selective=False)
+    x = torch.randn(batch, seqlen, block.d_model, dtype=dtype)
+    with torch.no_grad():
+        y_par, state_par = block(x, state=block.allocate_state(batch))
+        state = block.allocate_state(batch)
+        y_step = torch.stack([block.step(x[:, t], state)[0] for t in range(seqlen)], dim=1)
+    assert rel_err(y_step, y_par) <= TOL[dtype]
+    assert states_close(state, state_par, TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_selective_masking_and_gradients(backend):
+    """Left padding stays invisible, and every parameter of the ablation (dt_bias, B, C included) is trained."""
+    block = make_block(backend, selective=False)
+    x = torch.randn(1, 8, block.d_model)
+    padded = torch.cat([torch.randn(1, 3, block.d_model), x], dim=1).requires_grad_(True)
+    mask = (torch.arange(11) >= 3)[None]
+    y_pad = block(padded, mask=mask)
+    assert rel_err(y_pad[:, 3:], block(x)) <= F32
+    y_pad.square().sum().backward()
+    names = {name for name, _ in block.named_parameters()}
+    assert names == {"in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "B", "C", "A_log", "D",
+                     "out_proj.weight"}
+    for name, p in block.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    dt = F.softplus(block.dt_bias)
+    assert dt.min() >= 0.001 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5) and dt.std() > 0
+
+
+@pytest.mark.skipif("torch" not in BACKENDS, reason="chunked scan backend not written yet")
+def test_non_selective_torch_backend_matches_ref_forward_and_gradients():
+    torch_block = make_block("torch", selective=False)
+    ref_block = make_block("ref", selective=False)
+    ref_block.load_state_dict(torch_block.state_dict())
+    x = torch.randn(2, 70, torch_block.d_model)
+    grad_out = torch.randn_like(x)
+    outs = []
+    for block in (torch_block, ref_block):
+        y = block(x)
+        (y * grad_out).sum().backward()
+        outs.append((y, {name: p.grad for name, p in block.named_parameters()}))
+    (y_t, g_t), (y_r, g_r) = outs
+    assert rel_err(y_t, y_r) <= F32
+    for name in g_r:
+        assert rel_err(g_t[name], g_r[name]) <= GRAD_TOL[torch.float32], name
+
+
+def test_selective_must_be_a_bool():
+    with pytest.raises(ValueError, match="selective must be a bool"):
+        MambaBlock(16, selective="no")
