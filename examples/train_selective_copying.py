@@ -156,14 +156,15 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
 
 def train_one(name: str, args: argparse.Namespace, device: torch.device,
               eval_set: tuple[torch.Tensor, torch.Tensor]) -> dict:
-    """Train one model from scratch; returns its final metrics and the evaluation history."""
+    """Train one model from scratch; returns its final metrics and the evaluation history (elapsed_s and
+    wall_time_s: wall-clock seconds since the first step, evaluations included)."""
     torch.manual_seed(args.seed)  # same initial weights (where shared) for both models
     model = create_mamba_moe(dim=args.dim, depth=args.depth, d_state=args.d_state, d_conv=args.d_conv,
                              expand=args.expand, ffn="none", vocab_size=args.vocab,
                              max_seq_len=args.context_len + args.num_data, scan_backend=args.scan_backend,
                              selective=MODELS[name], device=device)
     logger.info("[{}] {:,} parameters, selective={}", name, model.num_parameters(), MODELS[name])
-    # A_log, D and the dt biases are excluded from decay as in mamba-ssm (flagged by the block).
+    # As in mamba-ssm: no decay on 1-D parameters (norms, dt biases, the ablation's B and C) nor on A_log and D.
     decay = [p for p in model.parameters() if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)]
     no_decay = [p for p in model.parameters() if p.dim() < 2 or getattr(p, "_no_weight_decay", False)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -171,7 +172,7 @@ def train_one(name: str, args: argparse.Namespace, device: torch.device,
     # Both models see the same training batches.
     generator = torch.Generator().manual_seed(args.seed)
     history = [{"step": 0, "train_loss": None, **evaluate(model, eval_set, args.num_data, device), "elapsed_s": 0.0}]
-    losses = []
+    first_loss, window = None, []  # window: this eval period's losses, kept on the device (no sync per step)
     steps = range(args.steps)
     use_bar = tqdm is not None and not args.no_progress
     bar = tqdm(steps, desc=name, dynamic_ncols=True, leave=False, disable=None) if use_bar else None
@@ -188,15 +189,17 @@ def train_one(name: str, args: argparse.Namespace, device: torch.device,
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
-        losses.append(loss.item())
-        if bar is not None:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        window.append(loss.detach())
+        if first_loss is None:
+            first_loss = loss.item()
+        if bar is not None and step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             metrics = evaluate(model, eval_set, args.num_data, device)
-            recent = losses[-args.eval_every:]
-            entry = {"step": step + 1, "train_loss": sum(recent) / len(recent), **metrics,
+            entry = {"step": step + 1, "train_loss": torch.stack(window).mean().item(), **metrics,
                      "elapsed_s": time.perf_counter() - start}
             history.append(entry)
+            window = []
             logger.info("[{}] step {:>6}  train loss {:.3f}  eval loss {:.3f}  token acc {:6.2%}  seq acc {:6.2%}  "
                         "({:.0f} s)", name, entry["step"], entry["train_loss"], entry["loss"], entry["token_acc"],
                         entry["seq_acc"], entry["elapsed_s"])
@@ -204,11 +207,11 @@ def train_one(name: str, args: argparse.Namespace, device: torch.device,
         bar.close()
     final = history[-1]
     return {"selective": MODELS[name], "parameters": model.num_parameters(), "token_acc": final["token_acc"],
-            "seq_acc": final["seq_acc"], "eval_loss": final["loss"], "first_loss": losses[0],
-            "final_train_loss": final["train_loss"], "train_time_s": final["elapsed_s"], "history": history}
+            "seq_acc": final["seq_acc"], "eval_loss": final["loss"], "first_loss": first_loss,
+            "final_train_loss": final["train_loss"], "wall_time_s": final["elapsed_s"], "history": history}
 
 
-def save_plot(results: dict, path: Path) -> Path | None:
+def save_plot(results: dict, chance: float, path: Path) -> Path | None:
     try:
         import matplotlib
 
@@ -221,6 +224,7 @@ def save_plot(results: dict, path: Path) -> Path | None:
     for name, res in results.items():
         ax.plot([h["step"] for h in res["history"]], [100 * h["token_acc"] for h in res["history"]], marker="o",
                 label=f"{name} ({100 * res['token_acc']:.1f}%)")
+    ax.axhline(100 * chance, color="gray", linestyle="--", linewidth=1, label=f"chance ({100 * chance:.1f}%)")
     ax.set_xlabel("training step")
     ax.set_ylabel("held-out accuracy per data token (%)")
     ax.set_ylim(0, 100)
@@ -265,12 +269,12 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     logger.info("wrote {}", args.out)
     if not args.no_plot:
-        plot = save_plot(results, args.out.with_suffix(".png"))
+        plot = save_plot(results, chance, args.out.with_suffix(".png"))
         if plot is not None:
             logger.info("wrote {}", plot)
     for name, res in results.items():
         logger.info("{:>9}: token acc {:6.2%}  seq acc {:6.2%}  ({:.0f} s)", name, res["token_acc"], res["seq_acc"],
-                    res["train_time_s"])
+                    res["wall_time_s"])
     logger.info("paper (context 4096, 400K steps): Mamba S6 {}%, Mamba arch + S4 {}%, S4 {}%",
                 PAPER_ACCURACY["mamba_s6"], PAPER_ACCURACY["mamba_arch_s4"], PAPER_ACCURACY["s4_no_gate"])
     return report

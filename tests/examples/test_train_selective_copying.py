@@ -1,4 +1,4 @@
-"""Smoke tests of examples/train_selective_copying.py: the task's data, the options, and a tiny run through main(argv)."""
+"""Smoke tests of examples/train_selective_copying.py: the data, the options, a tiny run through main(argv)."""
 
 import importlib.util
 import json
