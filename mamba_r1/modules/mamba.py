@@ -23,10 +23,13 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from mamba_r1.ops.causal_conv1d import causal_conv1d_update
 from mamba_r1.ops.selective_scan import BACKENDS, selective_scan
 from mamba_r1.ops.state_update import selective_state_update
 
 DT_INITS = ("random", "constant")
+# The decode ops have no "ref" backend: their torch path is the reference. "auto" = fused Triton kernels on CUDA.
+STEP_BACKENDS = {"auto": "auto", "ref": "torch", "torch": "torch", "triton": "triton"}
 
 
 @dataclass
@@ -299,26 +302,28 @@ class MambaBlock(nn.Module):
             raise ValueError(f"x_t must be (batch, d_model) with d_model={self.d_model}; got shape {tuple(x_t.shape)}")
         self._check_state(state, x_t.shape[0])
 
+        # Two fused kernels between the three projections on CUDA (about two dozen small kernels before). Parameters
+        # go in as they are, in any dtype: the kernels cast as they load, so no per-step conversion kernel runs.
+        backend = STEP_BACKENDS[self.scan_backend]
         x_in, z = self.in_proj(x_t).chunk(2, dim=-1)  # (batch, d_inner) each
-        window = torch.cat([state.conv_state.to(x_in.dtype), x_in[..., None]], dim=-1)  # (batch, d_inner, d_conv)
-        # float32 accumulation, like the conv kernels use in forward.
-        conv_out = (window.float() * rearrange(self.conv1d.weight.float(), "dim 1 width -> dim width")).sum(-1)
-        if self.conv1d.bias is not None:
-            conv_out = conv_out + self.conv1d.bias.float()
-        state.conv_state.copy_(window[..., 1:])
-        u = F.silu(conv_out.to(x_in.dtype))  # (batch, d_inner)
+        u = causal_conv1d_update(x_in, state.conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias, silu=True,
+                                 backend=backend)  # (batch, d_inner)
 
         if self.selective:
+            # B, C: (batch, d_state) strided views into x_proj's output, read in place.
             dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
             dt = F.linear(dt_low, self.dt_proj.weight)  # (batch, d_inner)
-            dt_bias = self.dt_proj.bias.float()
+            dt_bias = self.dt_proj.bias
         else:
             batch = u.shape[0]
-            dt, dt_bias = torch.zeros_like(u), self.dt_bias.float()
-            B = repeat(self.B.to(u.dtype), "state -> batch state", batch=batch)  # (batch, d_state)
-            C = repeat(self.C.to(u.dtype), "state -> batch state", batch=batch)
-        y = selective_state_update(state.ssm_state, u, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(),
-                                   z=z, dt_bias=dt_bias, dt_softplus=True)  # (batch, d_inner)
+            dt, dt_bias = torch.zeros_like(u), self.dt_bias
+            # As in forward's _ssm_params (rounded to the activation dtype), broadcast over rows without a copy.
+            B = self.B.to(u.dtype).expand(batch, -1)  # (batch, d_state)
+            C = self.C.to(u.dtype).expand(batch, -1)
+        # A = -exp(A_log): two tiny kernels per step that the op's fixed signature (A, not A_log) asks for; .float()
+        # is free for the float32 A_log that __init__ creates, and keeps exp accurate if a model was cast to bf16.
+        y = selective_state_update(state.ssm_state, u, dt, -torch.exp(self.A_log.float()), B, C, D=self.D, z=z,
+                                   dt_bias=dt_bias, dt_softplus=True, backend=backend)  # (batch, d_inner)
         return self.out_proj(y), state
 
     def extra_repr(self) -> str:

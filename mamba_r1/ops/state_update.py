@@ -5,7 +5,18 @@ Same math as one time step of ref.py, per channel d and state n:
     h   = exp(dt * A) * h + dt * B * x
     out = (sum_n C * h + D * x) * silu(z)
 The state is float32 and is updated in place, so a decode loop reuses one buffer (and can be captured in a CUDA
-graph); the work is O(batch * dim * d_state), small enough that plain PyTorch is the right tool.
+graph).
+
+Two backends compute it:
+  "torch"  ``selective_state_update_ref``: plain PyTorch, the specification, differentiable; about a dozen small
+           kernels per call, which is what a GPU decode step used to spend most of its time launching;
+  "triton" one fused kernel: reads every input in whatever float dtype it has (so a caller never launches a
+           ``.float()`` conversion), keeps the d_state axis of each channel in registers and writes the state back
+           in place. Inference only: it has no backward.
+  "auto"   triton for CUDA tensors, torch otherwise.
+The kernel also runs on CPU under Triton's interpreter (TRITON_INTERPRET=1, read when triton decorates the kernels,
+i.e. when this module is first imported), which is how CI tests it; the interpreter has no bfloat16, so there
+half-precision inputs are upcast before the launch.
 """
 
 from __future__ import annotations
@@ -13,8 +24,34 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from loguru import logger
 
 from mamba_r1.ops.selective_scan import _check_float, _check_shape
+
+# Imported eagerly (about 0.1 s) because the decode kernels live beside their references in this file; guarded
+# because triton is Linux-only: without it the torch backend still works and the triton one says what is missing.
+try:
+    import triton
+    import triton.language as tl
+
+    from mamba_r1.ops.selective_scan.triton_fwd import softplus
+
+    _jit = triton.jit
+except ImportError as _err:  # pragma: no cover - exercised only where triton is absent
+    triton = tl = softplus = None
+    _TRITON_IMPORT_ERROR = _err
+
+    def _jit(fn):
+        """Stand-in decorator: the kernel stays a plain function that check_triton_runtime never lets run."""
+        return fn
+else:
+    _TRITON_IMPORT_ERROR = None
+
+BACKENDS = ("auto", "torch", "triton")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------- argument checks
 
 
 def _check_update_args(state, x, dt, A, B, C, D, z, dt_bias) -> None:
@@ -59,6 +96,48 @@ def _check_update_args(state, x, dt, A, B, C, D, z, dt_bias) -> None:
                              "all inputs must be on one device")
 
 
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+    """"auto" -> "triton" on CUDA tensors, "torch" otherwise; anything outside BACKENDS is a ValueError."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd would record this call: grad mode on and some input requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def check_triton_runtime(op: str, device: torch.device, interpreting: bool) -> None:
+    """A decode kernel runs on CUDA, or on CPU under Triton's interpreter; say what to do otherwise."""
+    if triton is None:
+        raise ImportError(f"{op}(backend='triton') needs the 'triton' package (Linux; `pip install triton`), which "
+                          f"could not be imported ({_TRITON_IMPORT_ERROR}). Use backend='torch' instead.")
+    if device.type == "cuda":
+        return
+    if device.type != "cpu":
+        raise ValueError(f"{op}(backend='triton') runs on CUDA (or CPU under TRITON_INTERPRET=1); got tensors on "
+                         f"{device}. Use backend='torch'.")
+    if not interpreting:
+        raise RuntimeError(
+            f"{op}(backend='triton') got CPU tensors, but Triton's CPU interpreter is off. Use backend='torch' on "
+            "CPU, or set the environment variable TRITON_INTERPRET=1 before anything imports triton (and before "
+            "mamba_r1 is imported)."
+        )
+
+
+def for_kernel(t: torch.Tensor | None, interpreting: bool) -> torch.Tensor | None:
+    """What a kernel can read: any float dtype on GPU; no half precision under the interpreter."""
+    if t is not None and interpreting and t.dtype in _HALF_DTYPES:
+        return t.float()
+    return t
+
+
+# ---------------------------------------------------------------------------------------------- torch reference
+
+
 def _per_channel(BC: torch.Tensor, dim: int) -> torch.Tensor:
     """(batch, d_state) or (batch, groups, d_state) -> float32, broadcastable to (batch, dim, d_state)."""
     if BC.dim() == 2:
@@ -66,7 +145,7 @@ def _per_channel(BC: torch.Tensor, dim: int) -> torch.Tensor:
     return repeat(BC.float(), "batch groups state -> batch (groups channel) state", channel=dim // BC.shape[1])
 
 
-def selective_state_update(
+def selective_state_update_ref(
     state: torch.Tensor,  # (batch, dim, d_state), float32, updated in place
     x: torch.Tensor,  # (batch, dim)
     dt: torch.Tensor,  # (batch, dim)
@@ -77,16 +156,9 @@ def selective_state_update(
     z: torch.Tensor | None = None,  # (batch, dim)
     dt_bias: torch.Tensor | None = None,  # (dim,)
     dt_softplus: bool = False,
-) -> torch.Tensor:
-    """Advance ``state`` by one token in place and return that token's output (batch, dim) in x's dtype.
-
-    Running it over tokens t = 0..T-1 gives the same outputs and final state as ``selective_scan`` over those T
-    tokens with ``initial_state=state`` (the layouts differ only by the missing seqlen axis).
-    One step is differentiable in every input but ``state``. Backpropagating through a chain of steps is not
-    supported: a step overwrites the state an earlier step saved for backward, and autograd raises an in-place error.
-    Train with ``selective_scan``.
-    """
-    _check_update_args(state, x, dt, A, B, C, D, z, dt_bias)
+) -> torch.Tensor:  # (batch, dim) in x's dtype
+    """The one-token update in plain PyTorch: the specification of the fused kernel. Inputs are trusted (checked
+    by ``selective_state_update``). Differentiable in every input but ``state``."""
     dim = state.shape[1]
     x_f = x.float()  # (batch, dim)
     dt_f = dt.float()  # (batch, dim)
@@ -108,4 +180,184 @@ def selective_state_update(
     return y.to(x.dtype)
 
 
-__all__ = ["selective_state_update"]
+# ---------------------------------------------------------------------------------------------- Triton kernel
+
+
+def _block_sizes(block_n: int, interpreting: bool) -> tuple[int, int]:
+    """(BLOCK_D channels per program, num_warps) for a padded d_state of ``block_n``.
+
+    GPU: mamba-ssm's table for its selective_state_update kernel (about 512 float32 state elements per program, so
+    the state tile stays in registers); not yet re-measured here. Interpreter: 4 channels, so the small test shapes
+    cross block edges.
+    """
+    if interpreting:
+        return 4, 1
+    if block_n <= 16:
+        return 32, 4
+    if block_n <= 32:
+        return 16, 4
+    if block_n <= 64:
+        return 8, 4
+    if block_n <= 128:
+        return 4, 4
+    return 4, 8
+
+
+@_jit
+def _state_update_kernel(
+    # inputs (any float dtype; the state is float32 and is also the output of the recurrence)
+    state_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr,
+    # output (batch, dim) in x's dtype
+    out_ptr,
+    # sizes: B and C may have different group counts, so each has its own channels-per-group
+    dim, d_state, dim_per_group_B, dim_per_group_C,
+    # strides (any layout: views such as x_proj's split outputs are read in place)
+    stride_state_batch, stride_state_dim, stride_state_n,
+    stride_x_batch, stride_x_dim,
+    stride_dt_batch, stride_dt_dim,
+    stride_A_dim, stride_A_n,
+    stride_B_batch, stride_B_group, stride_B_n,
+    stride_C_batch, stride_C_group, stride_C_n,
+    stride_z_batch, stride_z_dim,
+    stride_out_batch, stride_out_dim,
+    HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (block of BLOCK_D channels, batch row); the (BLOCK_D, BLOCK_N) state tile lives in
+    registers between its load and its store."""
+    pid_d = tl.program_id(0)
+    pid_batch = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # channels of this block
+    offs_n = tl.arange(0, BLOCK_N)  # states, padded to a power of two
+    mask_d = offs_d < dim
+    mask_dn = mask_d[:, None] & (offs_n < d_state)[None, :]
+
+    # Per-channel vectors (BLOCK_D,): this batch row of x, dt, z; the parameters D, dt_bias.
+    x = tl.load(x_ptr + pid_batch * stride_x_batch + offs_d * stride_x_dim, mask=mask_d, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + pid_batch * stride_dt_batch + offs_d * stride_dt_dim, mask=mask_d, other=0.0)
+    dt = dt.to(tl.float32)
+    if HAS_DT_BIAS:
+        dt += tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if DT_SOFTPLUS:
+        dt = softplus(dt)
+
+    # (BLOCK_D, BLOCK_N) tiles: the state rows and A rows of these channels; B and C rows of each channel's group
+    # (a block may straddle groups, so the group is looked up per channel; the rows repeat and hit the cache).
+    state_ptrs = (state_ptr + pid_batch * stride_state_batch + offs_d[:, None] * stride_state_dim
+                  + offs_n[None, :] * stride_state_n)
+    h = tl.load(state_ptrs, mask=mask_dn, other=0.0)
+    A = tl.load(A_ptr + offs_d[:, None] * stride_A_dim + offs_n[None, :] * stride_A_n, mask=mask_dn, other=0.0)
+    group_B = offs_d // dim_per_group_B
+    B = tl.load(B_ptr + pid_batch * stride_B_batch + group_B[:, None] * stride_B_group + offs_n[None, :] * stride_B_n,
+                mask=mask_dn, other=0.0).to(tl.float32)
+    group_C = offs_d // dim_per_group_C
+    C = tl.load(C_ptr + pid_batch * stride_C_batch + group_C[:, None] * stride_C_group + offs_n[None, :] * stride_C_n,
+                mask=mask_dn, other=0.0).to(tl.float32)
+
+    # Same operation order as the reference: h * exp(dt * A) + (dt * B) * x.
+    h = h * tl.exp(dt[:, None] * A.to(tl.float32)) + dt[:, None] * B * x[:, None]
+    tl.store(state_ptrs, h, mask=mask_dn)
+
+    y = tl.sum(h * C, axis=1)  # (BLOCK_D,)
+    if HAS_D:
+        y += tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) * x
+    if HAS_Z:
+        z = tl.load(z_ptr + pid_batch * stride_z_batch + offs_d * stride_z_dim, mask=mask_d, other=0.0)
+        z = z.to(tl.float32)
+        y *= z * tl.sigmoid(z)
+    tl.store(out_ptr + pid_batch * stride_out_batch + offs_d * stride_out_dim, y.to(out_ptr.dtype.element_ty),
+             mask=mask_d)
+
+
+def _interpreting() -> bool:
+    """True when the kernel was built for Triton's CPU interpreter (TRITON_INTERPRET=1 at this module's import)."""
+    return type(_state_update_kernel).__name__ == "InterpretedFunction"
+
+
+def _as_groups(BC: torch.Tensor) -> torch.Tensor:
+    """(batch, d_state) -> (batch, 1, d_state) view; 3-D passes through."""
+    return BC.unsqueeze(1) if BC.dim() == 2 else BC
+
+
+def _state_update_triton(
+    state: torch.Tensor,  # (batch, dim, d_state), float32, updated in place
+    x: torch.Tensor,  # (batch, dim)
+    dt: torch.Tensor,  # (batch, dim)
+    A: torch.Tensor,  # (dim, d_state)
+    B: torch.Tensor,  # (batch, d_state) or (batch, groups, d_state)
+    C: torch.Tensor,  # (batch, d_state) or (batch, groups, d_state)
+    D: torch.Tensor | None,  # (dim,)
+    z: torch.Tensor | None,  # (batch, dim)
+    dt_bias: torch.Tensor | None,  # (dim,)
+    dt_softplus: bool,
+) -> torch.Tensor:  # (batch, dim) in x's dtype
+    """Launch the fused kernel: one launch, no allocation but the output, no host sync (CUDA-graph capturable)."""
+    interpreting = _interpreting()
+    check_triton_runtime("selective_state_update", state.device, interpreting)
+    x_k, dt_k, A_k, B_k, C_k, D_k, z_k, bias_k = (for_kernel(t, interpreting) for t in (x, dt, A, B, C, D, z, dt_bias))
+    B_k, C_k = _as_groups(B_k), _as_groups(C_k)  # (batch, groups, d_state)
+    batch, dim, d_state = state.shape
+    out = torch.empty(batch, dim, device=state.device, dtype=x_k.dtype)  # (batch, dim)
+    block_n = triton.next_power_of_2(d_state)
+    block_d, num_warps = _block_sizes(block_n, interpreting)
+    # Absent optional inputs are never read (their HAS_* flag is False): x stands in for the pointer.
+    D_arg, z_arg, bias_arg = (t if t is not None else x_k for t in (D_k, z_k, bias_k))
+    grid = (triton.cdiv(dim, block_d), batch)
+    _state_update_kernel[grid](
+        state, x_k, dt_k, bias_arg, A_k, B_k, C_k, D_arg, z_arg,
+        out,
+        dim, d_state, dim // B_k.shape[1], dim // C_k.shape[1],
+        state.stride(0), state.stride(1), state.stride(2),
+        x_k.stride(0), x_k.stride(1),
+        dt_k.stride(0), dt_k.stride(1),
+        A_k.stride(0), A_k.stride(1),
+        B_k.stride(0), B_k.stride(1), B_k.stride(2),
+        C_k.stride(0), C_k.stride(1), C_k.stride(2),
+        z_arg.stride(0), z_arg.stride(1),
+        out.stride(0), out.stride(1),
+        HAS_DT_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None, DT_SOFTPLUS=bool(dt_softplus),
+        BLOCK_D=block_d, BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- public function
+
+
+def selective_state_update(
+    state: torch.Tensor,  # (batch, dim, d_state), float32, updated in place
+    x: torch.Tensor,  # (batch, dim)
+    dt: torch.Tensor,  # (batch, dim)
+    A: torch.Tensor,  # (dim, d_state)
+    B: torch.Tensor,  # (batch, d_state) or (batch, groups, d_state)
+    C: torch.Tensor,  # (batch, d_state) or (batch, groups, d_state)
+    D: torch.Tensor | None = None,  # (dim,)
+    z: torch.Tensor | None = None,  # (batch, dim)
+    dt_bias: torch.Tensor | None = None,  # (dim,)
+    dt_softplus: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Advance ``state`` by one token in place and return that token's output (batch, dim) in x's dtype.
+
+    Running it over tokens t = 0..T-1 gives the same outputs and final state as ``selective_scan`` over those T
+    tokens with ``initial_state=state`` (the layouts differ only by the missing seqlen axis).
+    Every input but ``state`` may have any float dtype and any strides; the computation is float32.
+
+    ``backend``: "torch" (plain PyTorch), "triton" (one fused kernel; CUDA, or CPU under TRITON_INTERPRET=1) or
+    "auto" (triton on CUDA tensors, torch otherwise). The kernel has no backward, so when grad mode is on and an
+    input requires grad the call takes the torch path whatever the backend: one step stays differentiable in every
+    input but ``state``. Backpropagating through a chain of steps is not supported: a step overwrites the state an
+    earlier step saved for backward, and autograd raises an in-place error. Train with ``selective_scan``.
+    """
+    _check_update_args(state, x, dt, A, B, C, D, z, dt_bias)
+    name = resolve_backend("selective_state_update", backend, state.device)
+    if name == "triton" and needs_autograd(x, dt, A, B, C, D, z, dt_bias):
+        logger.debug("selective_state_update: an input requires grad, taking the differentiable torch path")
+        name = "torch"
+    if name == "torch":
+        return selective_state_update_ref(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    return _state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+__all__ = ["selective_state_update", "selective_state_update_ref", "BACKENDS"]

@@ -5,6 +5,8 @@ Without a GPU the kernels run under Triton's interpreter (conftest sets TRITON_I
 CHUNK_L=8 and BLOCK_D=2 (forward) or 4 (backward), so these small shapes cross chunk and channel-block edges.
 """
 
+import contextlib
+import dataclasses
 import math
 import subprocess
 import sys
@@ -106,8 +108,9 @@ def _groups_for(dim, pick):
     return 0 if pick == 0 else divisors[pick % len(divisors)]
 
 
+@pytest.mark.parametrize("variant", ["registers", "memory"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@settings(deadline=None, max_examples=25)
+@settings(deadline=None, max_examples=20)
 @given(
     batch=st.integers(1, 2),
     dim=st.sampled_from([1, 3, 6]),
@@ -122,13 +125,29 @@ def _groups_for(dim, pick):
     return_last_state=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_forward_and_gradients_match_float64_reference(dtype, batch, dim, seqlen, d_state, group_pick, with_D,
-                                                       with_z, with_bias, with_initial_state, softplus,
-                                                       return_last_state, seed):
+def test_forward_and_gradients_match_float64_reference(variant, dtype, batch, dim, seqlen, d_state,
+                                                       group_pick, with_D, with_z, with_bias, with_initial_state,
+                                                       softplus, return_last_state, seed):
     torch.manual_seed(seed)
     args = make_inputs(batch, dim, seqlen, d_state, _groups_for(dim, group_pick), dtype, with_D, with_z, with_bias,
                        with_initial_state, softplus)
-    check_against_reference(args, softplus, return_last_state, dtype)
+    with block_sizes_variant(variant):
+        check_against_reference(args, softplus, return_last_state, dtype)
+
+
+@contextlib.contextmanager
+def block_sizes_variant(variant):
+    """Run the kernels with the chunk carry in registers and per-program dB / dC partials ("registers"), or with the
+    carry through memory and atomically summed dB / dC ("memory")."""
+    from mamba_r1.ops.selective_scan import triton_fwd
+
+    row = triton_fwd.block_sizes()
+    memory = variant == "memory"
+    triton_fwd.BLOCK_SIZE_OVERRIDE = dataclasses.replace(row, carry_in_memory=memory, atomic_bc=memory)
+    try:
+        yield
+    finally:
+        triton_fwd.BLOCK_SIZE_OVERRIDE = None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -177,7 +196,7 @@ def test_backward_keeps_no_full_state_tensor():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         selective_scan(**args, delta_softplus=True, backend="triton")
     # What the backward needs: the inputs and the float32 state at each chunk start, all <= 1/8 of the full states.
-    assert (batch, dim, num_chunks(seqlen), d_state) in saved_shapes, saved_shapes
+    assert (batch, dim, num_chunks(seqlen, d_state), d_state) in saved_shapes, saved_shapes
     assert max(math.prod(s) for s in saved_shapes) <= batch * dim * seqlen * d_state // 8, saved_shapes
 
 

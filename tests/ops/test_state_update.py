@@ -1,4 +1,5 @@
-"""selective_state_update: T one-token steps reproduce the sequential scan over T tokens; state updated in place."""
+"""selective_state_update: T one-token steps reproduce the sequential scan over T tokens; state updated in place;
+the fused Triton kernel (under the CPU interpreter without a GPU) matches the torch reference."""
 
 import math
 
@@ -7,8 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import mamba_r1.ops.state_update as state_update_module
 from mamba_r1.ops import selective_scan_ref, selective_state_update
 from mamba_r1.ops.selective_scan.ref import selective_scan_ref_float64
+from mamba_r1.ops.state_update import selective_state_update_ref
 from tests.conftest import GRAD_TOL, TOL, rel_err
 
 
@@ -29,7 +32,7 @@ def make_inputs(batch, dim, seqlen, d_state, groups=0, dtype=torch.float32, with
     )
 
 
-def run_steps(args, delta_softplus):
+def run_steps(args, delta_softplus, backend="auto"):
     """Feed the scan-layout inputs one token at a time; returns (out (batch, dim, seqlen), final state)."""
     state = args["initial_state"].clone()
     outs = []
@@ -37,7 +40,7 @@ def run_steps(args, delta_softplus):
         outs.append(selective_state_update(
             state, args["u"][..., t], args["delta"][..., t], args["A"], args["B"][..., t], args["C"][..., t],
             D=args["D"], z=None if args["z"] is None else args["z"][..., t], dt_bias=args["delta_bias"],
-            dt_softplus=delta_softplus))
+            dt_softplus=delta_softplus, backend=backend))
     return torch.stack(outs, dim=-1), state
 
 
@@ -152,3 +155,143 @@ def test_bad_inputs_raise_naming_the_argument(name, bad, error, words):
     with pytest.raises(error) as info:
         selective_state_update(**args)
     assert name in str(info.value) and words in str(info.value)
+
+
+# ---------------------------------------------------------------- the fused Triton kernel against the torch reference
+
+
+def make_step_inputs(batch, dim, d_state, groups_B=0, groups_C=0, dtype=torch.float32, param_dtype=torch.float32,
+                     with_D=True, with_z=True, with_bias=True):
+    """One token's inputs; groups 0 = (batch, d_state) B/C. Parameters (A, D, dt_bias) in their own dtype."""
+    def bc(groups):
+        shape = (batch, d_state) if groups == 0 else (batch, groups, d_state)
+        return torch.randn(*shape, dtype=dtype)
+
+    return dict(
+        state=torch.randn(batch, dim, d_state),
+        x=torch.randn(batch, dim, dtype=dtype),
+        dt=(0.5 * torch.randn(batch, dim) + math.log(math.expm1(0.05))).to(dtype),
+        A=(-(torch.arange(1, d_state + 1).repeat(dim, 1) * (0.5 + torch.rand(dim, d_state)))).to(param_dtype),
+        B=bc(groups_B),
+        C=bc(groups_C),
+        D=torch.randn(dim, dtype=param_dtype) if with_D else None,
+        z=torch.randn(batch, dim, dtype=dtype) if with_z else None,
+        dt_bias=(0.1 * torch.randn(dim)).to(param_dtype) if with_bias else None,
+    )
+
+
+def both_backends(args, dt_softplus):
+    """Run the torch reference and the Triton kernel on copies of one state: ((out, state) ref, (out, state) triton)."""
+    results = []
+    for backend in ("torch", "triton"):
+        state = args["state"].clone()
+        out = selective_state_update(**{**args, "state": state}, dt_softplus=dt_softplus, backend=backend)
+        results.append((out, state))
+    return results
+
+
+@pytest.mark.parametrize("dtype, param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+@settings(deadline=None, max_examples=20)
+@given(
+    batch=st.integers(1, 3),
+    dim=st.sampled_from([1, 5, 6, 12, 15]),
+    d_state=st.sampled_from([1, 3, 4, 16, 17]),
+    group_pick_B=st.integers(0, 3),
+    group_pick_C=st.integers(0, 3),
+    with_D=st.booleans(),
+    with_z=st.booleans(),
+    with_bias=st.booleans(),
+    softplus=st.booleans(),
+)
+def test_triton_matches_torch_reference(dtype, param_dtype, batch, dim, d_state, group_pick_B, group_pick_C, with_D,
+                                        with_z, with_bias, softplus):
+    args = make_step_inputs(batch, dim, d_state, _groups_for(dim, group_pick_B), _groups_for(dim, group_pick_C),
+                            dtype, param_dtype, with_D, with_z, with_bias)
+    if not softplus:
+        args["dt"] = args["dt"].float().exp().to(dtype)  # positive step sizes without the softplus
+    (ref_out, ref_state), (out, state) = both_backends(args, softplus)
+    assert out.dtype == dtype and out.shape == (batch, dim)
+    # The float32 state sees the same operations in both: float32 rounding only. A half output rounds the same
+    # float32 value, give or take one ulp where the float32 values straddle a rounding boundary.
+    assert rel_err(state, ref_state) <= TOL[torch.float32]
+    assert rel_err(out, ref_out) <= TOL[dtype]
+
+
+@settings(deadline=None, max_examples=6)
+@given(seqlen=st.sampled_from([1, 2, 7]), d_state=st.sampled_from([4, 16]), softplus=st.booleans())
+def test_triton_steps_match_sequential_scan(seqlen, d_state, softplus):
+    args = make_inputs(2, 6, seqlen, d_state, groups=3)
+    if not softplus:
+        args["delta"] = args["delta"].exp()
+    out, state = run_steps(args, softplus, backend="triton")
+    out64, state64 = selective_scan_ref_float64(**args, delta_softplus=softplus, return_last_state=True)
+    assert rel_err(out, out64) <= TOL[torch.float32]
+    assert rel_err(state, state64) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_triton_reads_strided_views_and_updates_a_strided_state_in_place(dtype):
+    """The block's own layouts: B, C, x, z are views into projection outputs, the state a view into a bigger buffer."""
+    batch, dim, d_state, dt_rank = 3, 10, 5, 2
+    x_dbl = torch.randn(batch, dt_rank + 2 * d_state, dtype=dtype)  # x_proj's output
+    _, B, C = x_dbl.split([dt_rank, d_state, d_state], dim=-1)  # (batch, d_state) views, row stride 12
+    x, z = torch.randn(batch, 2 * dim, dtype=dtype).chunk(2, dim=-1)  # (batch, dim) views, row stride 20
+    args = dict(x=x, dt=torch.rand(batch, dim, dtype=dtype) - 1.0, A=-torch.rand(d_state, dim).t(), B=B, C=C,
+                D=torch.randn(dim), z=z, dt_bias=torch.randn(dim))
+    buffers = [torch.randn(batch, dim, 2 * d_state) for _ in range(2)]
+    buffers[1].copy_(buffers[0])
+    ref_state, state = (buf[..., 1::2] for buf in buffers)  # (batch, dim, d_state), state stride 2
+    ref_out = selective_state_update(ref_state, **args, dt_softplus=True, backend="torch")
+    out = selective_state_update(state, **args, dt_softplus=True, backend="triton")
+    assert out.dtype == dtype
+    assert rel_err(out, ref_out) <= TOL[torch.bfloat16 if dtype == torch.bfloat16 else torch.float32]
+    assert rel_err(buffers[1], buffers[0]) <= TOL[torch.float32]  # the view's base holds the new state
+    assert torch.equal(buffers[1][..., 0::2], buffers[0][..., 0::2])  # and nothing between its elements changed
+
+
+def test_triton_state_is_updated_in_place():
+    args = make_step_inputs(2, 7, 3)
+    state = args["state"].clone()
+    ptr, before = state.data_ptr(), state.clone()
+    selective_state_update(**{**args, "state": state}, dt_softplus=True, backend="triton")
+    assert state.data_ptr() == ptr and not torch.equal(state, before)
+    expected = before.clone()
+    selective_state_update_ref(**{**args, "state": expected}, dt_softplus=True)
+    assert rel_err(state, expected) <= TOL[torch.float32]
+
+
+def test_triton_backend_takes_the_torch_path_when_grad_is_needed(monkeypatch):
+    """The kernel has no backward: with grad mode on and an input requiring grad, the differentiable path runs."""
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the Triton kernel ran")
+
+    args = make_step_inputs(2, 6, 4)
+    args["dt_bias"].requires_grad_(True)
+    expected = selective_state_update(**{**args, "state": args["state"].clone()}, dt_softplus=True, backend="torch")
+    monkeypatch.setattr(state_update_module, "_state_update_triton", no_kernel)
+    out = selective_state_update(**{**args, "state": args["state"].clone()}, dt_softplus=True, backend="triton")
+    assert out.requires_grad and torch.equal(out, expected)
+    out.sum().backward()
+    assert args["dt_bias"].grad is not None
+    with torch.no_grad(), pytest.raises(AssertionError, match="Triton kernel ran"):
+        selective_state_update(**args, dt_softplus=True, backend="triton")
+
+
+def test_auto_backend_runs_torch_on_cpu(monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the Triton kernel ran")
+
+    monkeypatch.setattr(state_update_module, "_state_update_triton", no_kernel)
+    selective_state_update(**make_step_inputs(2, 6, 4))
+
+
+def test_bad_backend_raises_naming_the_choices():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        selective_state_update(**_valid_step_args(), backend="cuda")
+
+
+def test_triton_on_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(state_update_module, "_interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        selective_state_update(**_valid_step_args(), backend="triton")

@@ -103,7 +103,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     d_state = A.shape[1]
     out = u.new_empty(batch, dim, seqlen)
     last_state = u.new_empty(batch, dim, d_state, dtype=torch.float32)
-    ckpt = u.new_empty(batch, dim, num_chunks(seqlen), d_state, dtype=torch.float32)
+    ckpt = u.new_empty(batch, dim, num_chunks(seqlen, d_state), d_state, dtype=torch.float32)
     return out, last_state, ckpt
 
 

@@ -29,8 +29,10 @@ def _selective_scan_bwd_kernel(
     # gradients of u, delta, z, written in place (time stride 1)
     du_ptr, ddelta_ptr, dz_ptr,
     # float32 partial sums, contiguous: dA (batch, dim, d_state), dD and ddelta_bias (batch, dim),
-    # dB and dC (batch, groups, blocks_per_group, d_state, seqlen), dh0 (batch, dim, d_state)
-    dA_part_ptr, dD_part_ptr, ddelta_bias_part_ptr, dB_part_ptr, dC_part_ptr, dh0_ptr,
+    # dB and dC (batch, groups, blocks_per_group, d_state, seqlen), dh0 (batch, dim, d_state); with
+    # CARRY_IN_MEMORY, dA starts at zero and g_carry (batch, dim, d_state) holds the adjoint carried between chunks
+    # (the last state's gradient, or zeros, at the start)
+    dA_part_ptr, dD_part_ptr, ddelta_bias_part_ptr, dB_part_ptr, dC_part_ptr, dh0_ptr, g_carry_ptr,
     # sizes
     dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks,
     # strides of the inputs (time stride 1)
@@ -45,7 +47,7 @@ def _selective_scan_bwd_kernel(
     stride_ddelta_batch, stride_ddelta_dim,
     stride_dz_batch, stride_dz_dim,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
-    WANT_DH0: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+    WANT_DH0: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr, ATOMIC_BC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
@@ -78,8 +80,13 @@ def _selective_scan_bwd_kernel(
     channel_offs = pid_batch * dim + offs_d
     state_offs = channel_offs[:, None] * d_state + offs_n[None, :]
     ckpt_rows = ckpt_ptr + channel_offs * (n_chunks * d_state)
-    # dB / dC partials of this program: (d_state, seqlen) rows at [batch, group, block].
-    dBC_part_offs = (pid_batch * (tl.num_programs(0)) + pid_block) * d_state * seqlen
+    state_rows = channel_offs * d_state  # (BLOCK_D,) offsets of each channel's d_state row
+    # dB / dC rows of this program, (d_state, seqlen): its own partials at [batch, group, block], or with ATOMIC_BC
+    # the shared float32 sums at [batch, group].
+    if ATOMIC_BC:
+        dBC_part_offs = (pid_batch * (tl.num_programs(0) // blocks_per_group) + group) * d_state * seqlen
+    else:
+        dBC_part_offs = (pid_batch * (tl.num_programs(0)) + pid_block) * d_state * seqlen
 
     if HAS_D:
         D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -87,16 +94,20 @@ def _selective_scan_bwd_kernel(
         delta_bias = tl.load(delta_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     # Adjoint carried from the chunk to the right: g at that chunk's first step, one column per state. Past the end it
     # is the gradient of the returned last state.
-    if HAS_DLAST:
-        g_carry = tl.load(dlast_ptr + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
-    else:
-        g_carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    if not CARRY_IN_MEMORY:
+        if HAS_DLAST:
+            g_carry = tl.load(dlast_ptr + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
+        else:
+            g_carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     ddelta_bias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
     for chunk_rev in range(n_chunks):
         chunk = n_chunks - 1 - chunk_rev
+        if CARRY_IN_MEMORY:
+            # The chunk to the right stored its first-step adjoints from other threads of this program.
+            tl.debug_barrier()
         offs_t = chunk * CHUNK_L + offs_l
         mask_t = offs_t < seqlen
         mask_dt = mask_d[:, None] & mask_t[None, :]
@@ -146,21 +157,38 @@ def _selective_scan_bwd_kernel(
             if HAS_Z:
                 y += h_n * C_n[None, :]
             # 2. adjoint, right to left, continued from the chunk to the right
-            is_n = offs_n[None, :] == n
-            g_end = tl.sum(tl.where(is_n, g_carry, 0.0), axis=1)  # (BLOCK_D,)
+            if CARRY_IN_MEMORY:
+                g_end = tl.load(g_carry_ptr + state_rows + n, mask=mask_d, other=0.0)  # (BLOCK_D,)
+            else:
+                is_n = offs_n[None, :] == n
+                g_end = tl.sum(tl.where(is_n, g_carry, 0.0), axis=1)  # (BLOCK_D,)
             decay_rev, g_n = tl.associative_scan((tl.exp(dt_next * A_n[:, None]), dy * C_n[None, :]), 1,
                                                  affine_combine, reverse=True)
             g_n += decay_rev * g_end[:, None]
-            g_first = tl.sum(tl.where(offs_l[None, :] == 0, g_n, 0.0), axis=1)
-            g_carry = tl.where(is_n, g_first[:, None], g_carry)
+            if CARRY_IN_MEMORY:
+                # The thread holding the chunk's first column stores it for the chunk to the left.
+                tl.store(g_carry_ptr + state_rows[:, None] + n + offs_l[None, :] * 0, g_n,
+                         mask=mask_d[:, None] & (offs_l[None, :] == 0))
+            else:
+                g_first = tl.sum(tl.where(offs_l[None, :] == 0, g_n, 0.0), axis=1)
+                g_carry = tl.where(is_n, g_first[:, None], g_carry)
             # 3. gradients
             g_decayed = g_n * (h_n - x)  # g_t exp(dt_t A) h_{t-1}
             ddt += g_decayed * A_n[:, None]
             g_B += g_n * B_n[None, :]
-            dA_acc = tl.where(is_n, dA_acc + tl.sum(g_decayed * dt, axis=1)[:, None], dA_acc)
+            if CARRY_IN_MEMORY:
+                # Read back after the chunk's barrier, so the thread that stored a channel's dA need not be the reader.
+                dA_n = tl.load(dA_part_ptr + state_rows + n, mask=mask_d, other=0.0)
+                tl.store(dA_part_ptr + state_rows + n, dA_n + tl.sum(g_decayed * dt, axis=1), mask=mask_d)
+            else:
+                dA_acc = tl.where(is_n, dA_acc + tl.sum(g_decayed * dt, axis=1)[:, None], dA_acc)
             part_row = dBC_part_offs + n * seqlen + offs_t
-            tl.store(dB_part_ptr + part_row, tl.sum(g_n * dt_u, axis=0), mask=mask_t)
-            tl.store(dC_part_ptr + part_row, tl.sum(dy * h_n, axis=0), mask=mask_t)
+            if ATOMIC_BC:
+                tl.atomic_add(dB_part_ptr + part_row, tl.sum(g_n * dt_u, axis=0), mask=mask_t, sem="relaxed")
+                tl.atomic_add(dC_part_ptr + part_row, tl.sum(dy * h_n, axis=0), mask=mask_t, sem="relaxed")
+            else:
+                tl.store(dB_part_ptr + part_row, tl.sum(g_n * dt_u, axis=0), mask=mask_t)
+                tl.store(dC_part_ptr + part_row, tl.sum(dy * h_n, axis=0), mask=mask_t)
 
         ddt += g_B * u
         du = g_B * dt
@@ -178,7 +206,11 @@ def _selective_scan_bwd_kernel(
         tl.store(du_rows + offs_t[None, :], du.to(du_ptr.dtype.element_ty), mask=mask_dt)
         tl.store(ddelta_rows + offs_t[None, :], ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask_dt)
 
-    tl.store(dA_part_ptr + state_offs, dA_acc, mask=mask_dn)
+    if CARRY_IN_MEMORY:
+        tl.debug_barrier()
+        g_carry = tl.load(g_carry_ptr + state_offs, mask=mask_dn, other=0.0)
+    else:
+        tl.store(dA_part_ptr + state_offs, dA_acc, mask=mask_dn)
     if HAS_D:
         tl.store(dD_part_ptr + channel_offs, dD_acc, mask=mask_d)
     if HAS_DELTA_BIAS:
@@ -217,18 +249,27 @@ def selective_scan_bwd_launch(
     (batch, groups, d_state, seqlen), D and delta_bias (dim,), initial_state (batch, dim, d_state) (None where absent)."""
     batch, dim, seqlen = u.shape
     groups, d_state = B.shape[1], A.shape[1]
-    sizes = block_sizes()
+    sizes = block_sizes(seqlen, d_state)
     n_chunks = ckpt.shape[2]
     dim_per_group = dim // groups
     block_d = min(sizes.bwd_block_d, triton.next_power_of_2(dim_per_group))
     blocks_per_group = triton.cdiv(dim_per_group, block_d)
 
     f32 = dict(device=u.device, dtype=torch.float32)
-    dA_part = torch.empty(batch, dim, d_state, **f32)
+    if sizes.carry_in_memory:
+        dA_part = torch.zeros(batch, dim, d_state, **f32)
+        g_carry = dlast.clone() if dlast is not None else torch.zeros(batch, dim, d_state, **f32)
+    else:
+        dA_part = torch.empty(batch, dim, d_state, **f32)
+        g_carry = None
     dD_part = torch.empty(batch, dim, **f32) if D is not None else None
     ddelta_bias_part = torch.empty(batch, dim, **f32) if delta_bias is not None else None
-    dB_part = torch.empty(batch, groups, blocks_per_group, d_state, seqlen, **f32)
-    dC_part = torch.empty(batch, groups, blocks_per_group, d_state, seqlen, **f32)
+    if sizes.atomic_bc:
+        dB_part = torch.zeros(batch, groups, 1, d_state, seqlen, **f32)
+        dC_part = torch.zeros(batch, groups, 1, d_state, seqlen, **f32)
+    else:
+        dB_part = torch.empty(batch, groups, blocks_per_group, d_state, seqlen, **f32)
+        dC_part = torch.empty(batch, groups, blocks_per_group, d_state, seqlen, **f32)
     dh0 = torch.empty(batch, dim, d_state, **f32) if want_dinitial_state else None
 
     # Absent optional tensors are never touched (their flag is False): any tensor stands in for the pointer.
@@ -240,7 +281,7 @@ def selective_scan_bwd_launch(
     _selective_scan_bwd_kernel[grid](
         u, delta, A, B, C, ptr(D), z_arg, ptr(delta_bias), ckpt, dout, ptr(dlast),
         du, ddelta, dz_arg,
-        dA_part, ptr(dD_part), ptr(ddelta_bias_part), dB_part, dC_part, ptr(dh0),
+        dA_part, ptr(dD_part), ptr(ddelta_bias_part), dB_part, dC_part, ptr(dh0), ptr(g_carry),
         dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks,
         u.stride(0), u.stride(1),
         delta.stride(0), delta.stride(1),
@@ -254,13 +295,14 @@ def selective_scan_bwd_launch(
         dz_arg.stride(0), dz_arg.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         HAS_DLAST=dlast is not None, WANT_DH0=want_dinitial_state, DELTA_SOFTPLUS=delta_softplus,
+        CARRY_IN_MEMORY=sizes.carry_in_memory, ATOMIC_BC=sizes.atomic_bc,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
         num_warps=sizes.bwd_warps,
     )
     return {
         "A": dA_part.sum(0),
-        "B": dB_part.sum(2),
-        "C": dC_part.sum(2),
+        "B": dB_part[:, :, 0] if sizes.atomic_bc else dB_part.sum(2),
+        "C": dC_part[:, :, 0] if sizes.atomic_bc else dC_part.sum(2),
         "D": dD_part.sum(0) if D is not None else None,
         "delta_bias": ddelta_bias_part.sum(0) if delta_bias is not None else None,
         "initial_state": dh0,

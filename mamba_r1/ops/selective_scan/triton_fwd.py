@@ -27,6 +27,13 @@ class BlockSizes:
     fwd_warps: int
     bwd_block_d: int  # channels per backward program (power of two); the checkpoints do not depend on it
     bwd_warps: int
+    # Carry the state (forward) / adjoint (backward) from one chunk to the next through global memory (the checkpoint
+    # buffer, L1-resident) instead of extracting and inserting one state column of a register tile per state.
+    carry_in_memory: bool = False
+    # Backward: add each program's dB / dC (summed over its channels) atomically into one float32 buffer instead of
+    # writing per-program partials that torch sums afterwards (those are dim / bwd_block_d copies of B). Atomics
+    # make dB and dC's float32 rounding depend on the order programs finish (not bitwise reproducible).
+    atomic_bc: bool = False
 
 
 # GPU tuning edits this table only. "cuda": from a first sweep on an H100 (bf16; block_d 4-32, chunk_l 64-256, 2-8
@@ -38,6 +45,8 @@ BLOCK_SIZE_TABLE = {
     "cuda": BlockSizes(chunk_l=128, fwd_block_d=8, fwd_warps=8, bwd_block_d=16, bwd_warps=4),
     "interpret": BlockSizes(chunk_l=8, fwd_block_d=2, fwd_warps=1, bwd_block_d=4, bwd_warps=1),
 }
+# Tuning scripts (benchmarks/tune_scan.py) set this to try a configuration; None in normal use.
+BLOCK_SIZE_OVERRIDE: BlockSizes | None = None
 
 
 def interpreting() -> bool:
@@ -46,13 +55,16 @@ def interpreting() -> bool:
     return type(_selective_scan_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-def block_sizes() -> BlockSizes:
+def block_sizes(seqlen=None, d_state=None) -> BlockSizes:
+    """Block sizes for a scan of this length and state size (both kernels and the fake shapes call this)."""
+    if BLOCK_SIZE_OVERRIDE is not None:
+        return BLOCK_SIZE_OVERRIDE
     return BLOCK_SIZE_TABLE["interpret" if interpreting() else "cuda"]
 
 
-def num_chunks(seqlen):
+def num_chunks(seqlen, d_state=None):
     """Number of CHUNK_L chunks (works on SymInts, so fake tensors get the same checkpoint shape)."""
-    chunk_l = block_sizes().chunk_l
+    chunk_l = block_sizes(seqlen, d_state).chunk_l
     return (seqlen + chunk_l - 1) // chunk_l
 
 
@@ -89,7 +101,7 @@ def _selective_scan_fwd_kernel(
     stride_z_batch, stride_z_dim,
     stride_out_batch, stride_out_dim,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    DELTA_SOFTPLUS: tl.constexpr,
+    DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
@@ -117,6 +129,9 @@ def _selective_scan_fwd_kernel(
     mask_dn = mask_d[:, None] & mask_n[None, :]
     state_offs = (pid_batch * dim + offs_d[:, None]) * d_state + offs_n[None, :]
     ckpt_offs = (pid_batch * dim + offs_d[:, None]) * (n_chunks * d_state) + offs_n[None, :]
+    # Per-channel bases for the in-memory carry: checkpoint rows and last-state rows, (BLOCK_D,) pointers.
+    ckpt_rows = ckpt_ptr + (pid_batch * dim + offs_d) * (n_chunks * d_state)
+    last_rows = last_state_ptr + (pid_batch * dim + offs_d) * d_state
 
     if HAS_H0:
         h = tl.load(h0_ptr + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
@@ -127,8 +142,14 @@ def _selective_scan_fwd_kernel(
     if HAS_DELTA_BIAS:
         delta_bias = tl.load(delta_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
+    if CARRY_IN_MEMORY:
+        tl.store(ckpt_ptr + ckpt_offs, h, mask=mask_dn)
     for chunk in range(n_chunks):
-        tl.store(ckpt_ptr + ckpt_offs + chunk * d_state, h, mask=mask_dn)
+        if CARRY_IN_MEMORY:
+            # The previous chunk's end states were stored by other threads of this program.
+            tl.debug_barrier()
+        else:
+            tl.store(ckpt_ptr + ckpt_offs + chunk * d_state, h, mask=mask_dn)
         offs_t = chunk * CHUNK_L + offs_l
         mask_t = offs_t < seqlen
         mask_dt = mask_d[:, None] & mask_t[None, :]
@@ -153,19 +174,30 @@ def _selective_scan_fwd_kernel(
             C_n = tl.load(C_group + n * stride_C_state + offs_t, mask=mask_t, other=0.0).to(tl.float32)
             decay = tl.exp(dt * A_n[:, None])
             decay_cum, h_n = tl.associative_scan((decay, dt_u * B_n[None, :]), 1, affine_combine)
-            is_n = offs_n[None, :] == n
-            h_start = tl.sum(tl.where(is_n, h, 0.0), axis=1)  # state n at the chunk start, (BLOCK_D,)
+            if CARRY_IN_MEMORY:
+                h_start = tl.load(ckpt_rows + chunk * d_state + n, mask=mask_d, other=0.0)  # (BLOCK_D,)
+            else:
+                is_n = offs_n[None, :] == n
+                h_start = tl.sum(tl.where(is_n, h, 0.0), axis=1)  # state n at the chunk start, (BLOCK_D,)
             h_n += decay_cum * h_start[:, None]
             y += h_n * C_n[None, :]
-            h_end = tl.sum(tl.where(offs_l[None, :] == CHUNK_L - 1, h_n, 0.0), axis=1)
-            h = tl.where(is_n, h_end[:, None], h)
+            if CARRY_IN_MEMORY:
+                # The chunk's last column is the next chunk's checkpoint (or the last state after the last chunk):
+                # the thread holding that column stores it, no reduction across threads.
+                end_ptr = tl.where(chunk + 1 < n_chunks, ckpt_rows + (chunk + 1) * d_state + n, last_rows + n)
+                tl.store(end_ptr[:, None] + offs_l[None, :] * 0, h_n,
+                         mask=mask_d[:, None] & (offs_l[None, :] == CHUNK_L - 1))
+            else:
+                h_end = tl.sum(tl.where(offs_l[None, :] == CHUNK_L - 1, h_n, 0.0), axis=1)
+                h = tl.where(is_n, h_end[:, None], h)
 
         if HAS_Z:
             z = tl.load(z_rows + offs_t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)
         tl.store(out_rows + offs_t[None, :], y.to(out_ptr.dtype.element_ty), mask=mask_dt)
 
-    tl.store(last_state_ptr + state_offs, h, mask=mask_dn)
+    if not CARRY_IN_MEMORY:
+        tl.store(last_state_ptr + state_offs, h, mask=mask_dn)
 
 
 def selective_scan_fwd_launch(
@@ -185,7 +217,7 @@ def selective_scan_fwd_launch(
     (batch, dim, n_chunks, d_state)), both float32. Inputs are trusted (checked by selective_scan)."""
     batch, dim, seqlen = u.shape
     groups, d_state = B.shape[1], A.shape[1]
-    sizes = block_sizes()
+    sizes = block_sizes(seqlen, d_state)
     n_chunks = triton.cdiv(seqlen, sizes.chunk_l)
     dim_per_group = dim // groups
     block_d = min(sizes.fwd_block_d, triton.next_power_of_2(dim_per_group))
@@ -207,7 +239,7 @@ def selective_scan_fwd_launch(
         z_arg.stride(0), z_arg.stride(1),
         out.stride(0), out.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
-        HAS_H0=initial_state is not None, DELTA_SOFTPLUS=delta_softplus,
+        HAS_H0=initial_state is not None, DELTA_SOFTPLUS=delta_softplus, CARRY_IN_MEMORY=sizes.carry_in_memory,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
         num_warps=sizes.fwd_warps,
     )

@@ -1,0 +1,150 @@
+"""Sweep the Triton scan's block sizes (chunk length, channels per program, warps, where the chunk carry lives) on a
+GPU and print the best forward and backward configuration per shape: the data behind BLOCK_SIZE_TABLE.
+
+Every configuration is first checked against the float64 reference (forward and all gradients, bf16 inputs) on a
+small odd shape; a configuration that fails the check is reported and never timed. Forward and backward are timed
+separately (the backward alone, from the forward's checkpoints of the same chunk length), median of
+`triton.testing.do_bench`.
+    python benchmarks/tune_scan.py [--shapes "8,2048,2048,16;..."] [--budget-s 300] [--out results/tune_scan.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_scan import MAMBA_SSM_H100, make_inputs, rel_err  # noqa: E402
+from common import device_name, write_json  # noqa: E402
+
+from mamba_r1.ops import selective_scan  # noqa: E402
+from mamba_r1.ops.selective_scan import triton_bwd, triton_fwd  # noqa: E402
+from mamba_r1.ops.selective_scan.ref import selective_scan_ref_float64  # noqa: E402
+
+SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
+# (chunk_l, block_d, num_warps): from many channels x few steps per program (time mostly inside a thread) to one
+# channel x a long chunk (time spread over the threads, as mamba-ssm's CUDA kernel does).
+FWD = [(16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 32, 4), (32, 64, 4), (32, 64, 8), (64, 16, 4), (64, 32, 4),
+       (64, 32, 8), (128, 8, 4), (128, 8, 8), (128, 16, 8), (256, 4, 4), (256, 4, 8), (256, 8, 8), (512, 2, 4),
+       (512, 4, 8), (1024, 1, 4), (1024, 2, 8), (2048, 1, 8)]
+BWD = [(16, 32, 4), (16, 64, 4), (32, 16, 4), (32, 32, 4), (64, 8, 4), (64, 16, 4), (64, 32, 8), (128, 4, 4),
+       (128, 8, 4), (128, 16, 8), (256, 4, 4), (256, 8, 8), (512, 2, 4), (512, 4, 8), (1024, 1, 4), (1024, 2, 8)]
+
+
+def use(chunk_l, fwd=None, bwd=None, carry=False):
+    """Set the configuration; the kernel not being swept gets a tile of about 2k elements at this chunk length."""
+    fwd = fwd or (max(1, 1024 // chunk_l), 4)
+    bwd = bwd or (max(1, 2048 // chunk_l), 4)
+    triton_fwd.BLOCK_SIZE_OVERRIDE = triton_fwd.BlockSizes(chunk_l, fwd[0], fwd[1], bwd[0], bwd[1], carry)
+
+
+class Checker:
+    """Float64 reference forward and gradients on a small odd shape, computed once per d_state."""
+
+    def __init__(self, device):
+        self.device, self.cache = device, {}
+
+    def errors(self, d_state):
+        if d_state not in self.cache:
+            torch.manual_seed(0)
+            args = make_inputs((2, 96, 1000, d_state), torch.bfloat16, self.device, requires_grad=True)
+            g = torch.randn(2, 96, 1000, device=self.device)
+            ref_args = {k: t.detach().double().requires_grad_(True) for k, t in args.items()}
+            ref = selective_scan_ref_float64(**ref_args, delta_softplus=True)
+            (ref * g.double()).sum().backward()
+            self.cache[d_state] = (args, g, ref, {k: t.grad for k, t in ref_args.items()})
+        args, g, ref, ref_grads = self.cache[d_state]
+        out = selective_scan(**args, delta_softplus=True, backend="triton")
+        grads = torch.autograd.grad((out.float() * g).sum(), list(args.values()))
+        return rel_err(out, ref), max(rel_err(gr, ref_grads[k]) for gr, k in zip(grads, args))
+
+
+def time_fwd(shape):
+    args = make_inputs(shape, torch.bfloat16, "cuda")
+    import triton.testing
+
+    with torch.no_grad():
+        return triton.testing.do_bench(lambda: selective_scan(**args, delta_softplus=True, backend="triton"),
+                                       warmup=10, rep=40, return_mode="median")
+
+
+def time_bwd(shape):
+    """The backward kernel alone (plus its partial-sum reductions), from real checkpoints."""
+    import triton.testing
+
+    args = make_inputs(shape, torch.bfloat16, "cuda")
+    u, delta, z = args["u"], args["delta"], args["z"]
+    B, C = args["B"][:, None], args["C"][:, None]
+    out = torch.empty_like(u)
+    _, ckpt = triton_fwd.selective_scan_fwd_launch(u, delta, args["A"], B, C, args["D"], z, args["delta_bias"],
+                                                   None, True, out)
+    dout = torch.randn_like(u)
+    du, ddelta, dz = torch.empty_like(u), torch.empty_like(delta), torch.empty_like(z)
+
+    def bwd():
+        triton_bwd.selective_scan_bwd_launch(dout, None, u, delta, args["A"], B, C, args["D"], z, args["delta_bias"],
+                                             ckpt, True, False, du, ddelta, dz)
+
+    return triton.testing.do_bench(bwd, warmup=5, rep=40, return_mode="median")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=None, help="batch,dim,seqlen,d_state[;...]")
+    p.add_argument("--budget-s", type=float, default=300.0, help="stop starting new configurations after this")
+    p.add_argument("--which", default="fwd,bwd")
+    p.add_argument("--out", default="tune_scan.json")
+    a = p.parse_args()
+    shapes = [tuple(int(v) for v in s.split(",")) for s in a.shapes.split(";")] if a.shapes else SHAPES
+    checker, rows, start = Checker("cuda"), [], time.perf_counter()
+    print(f"tune_scan on {device_name('cuda')}, torch {torch.__version__}", flush=True)
+    plan = []
+    if "fwd" in a.which:
+        plan += [("fwd", c, carry) for c, carry in itertools.product(FWD, (False, True))]
+    if "bwd" in a.which:
+        plan += [("bwd", c, carry) for c, carry in itertools.product(BWD, (False, True))]
+    for kind, (chunk_l, block_d, warps), carry in plan:
+        if time.perf_counter() - start > a.budget_s:
+            print(f"budget spent: skipped the rest from {kind} {chunk_l, block_d, warps, carry}")
+            break
+        if kind == "fwd":
+            use(chunk_l, fwd=(block_d, warps), carry=carry)
+        else:
+            use(chunk_l, bwd=(block_d, warps), carry=carry)
+        row = dict(kind=kind, chunk_l=chunk_l, block_d=block_d, warps=warps, carry_in_memory=carry)
+        try:
+            errs = [checker.errors(n) for n in sorted({s[3] for s in shapes})]
+            row["fwd_err"], row["grad_err"] = max(e[0] for e in errs), max(e[1] for e in errs)
+            if row["fwd_err"] > 1e-2 or row["grad_err"] > 1e-2:
+                row["error"] = "wrong result"
+            else:
+                for shape in shapes:
+                    row[str(shape)] = (time_fwd if kind == "fwd" else time_bwd)(shape)
+        except Exception as err:  # out of resources (shared memory, registers) for big tiles
+            row["error"] = f"{type(err).__name__}: {str(err)[:120]}"
+        rows.append(row)
+        times = " ".join(f"{row.get(str(s), float('nan')):8.3f}" for s in shapes)
+        print(f"{kind} chunk {chunk_l:5d} block_d {block_d:4d} warps {warps} carry {carry!s:5s} | {times} | "
+              f"err {row.get('fwd_err', float('nan')):.1e}/{row.get('grad_err', float('nan')):.1e} "
+              f"{row.get('error', '')}", flush=True)
+        torch.cuda.empty_cache()
+    triton_fwd.BLOCK_SIZE_OVERRIDE = None
+    print("\nbest per shape (ms; mamba-ssm H100 fwd / fwd+bwd from TARGETS.md):")
+    for shape in shapes:
+        for kind in ("fwd", "bwd"):
+            timed = [r for r in rows if r["kind"] == kind and str(shape) in r]
+            if timed:
+                best = min(timed, key=lambda r: r[str(shape)])
+                print(f"  {kind} {shape}: {best[str(shape)]:.3f} ms at chunk {best['chunk_l']}, block_d "
+                      f"{best['block_d']}, warps {best['warps']}, carry {best['carry_in_memory']}   "
+                      f"(anchor {MAMBA_SSM_H100.get(shape)})")
+    write_json(a.out, dict(device=device_name("cuda"), torch=torch.__version__, rows=rows))
+
+
+if __name__ == "__main__":
+    main()
