@@ -22,6 +22,24 @@ from mamba_r1 import MambaBlock  # noqa: E402
 MAMBA_SSM_H100_MS = 4.40  # TARGETS.md, batch 8 x 2048, d_model 1024
 
 
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check_against_torch_scan(block, device, dtype):
+    """The block as benchmarked vs the same weights on the chunked PyTorch scan, on a small fresh input."""
+    x = torch.randn(2, 300, block.d_model, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn_like(x)
+    params = [x] + list(block.parameters())
+    results = []
+    for backend in (block.scan_backend, "torch"):
+        saved, block.scan_backend = block.scan_backend, backend
+        y = block(x)
+        results.append([y] + list(torch.autograd.grad(y, params, dy)))
+        block.scan_backend = saved
+    return max(rel_err(a, b) for a, b in zip(*results))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -29,7 +47,15 @@ def main():
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seqlen", type=int, default=None)
     p.add_argument("--backends", default=None, help="scan backends, comma-separated")
+    p.add_argument("--scan-blocks", default=None,
+                   help="chunk_l,fwd_block_d,fwd_warps,bwd_block_d,bwd_warps,carry,atomic: try a Triton configuration")
     a = p.parse_args()
+    if a.scan_blocks:
+        from mamba_r1.ops.selective_scan import triton_fwd
+
+        v = [int(x) for x in a.scan_blocks.split(",")]
+        triton_fwd.BLOCK_SIZE_OVERRIDE = triton_fwd.BlockSizes(*v[:5], bool(v[5]), bool(v[6]))
+        print("scan blocks:", triton_fwd.BLOCK_SIZE_OVERRIDE)
     cuda = a.device == "cuda"
     d_model = a.d_model or (1024 if cuda else 256)
     batch, seqlen = a.batch or (8 if cuda else 2), a.seqlen or (2048 if cuda else 512)
@@ -47,6 +73,9 @@ def main():
     except ImportError:
         pass
     for name, block in candidates:
+        err = check_against_torch_scan(block, a.device, dtype) if "mamba_r1" in name else float("nan")
+        print(f"{name}: output and gradients vs the same block on the torch scan: max relative error {err:.1e}")
+
         def fwd_bwd(block=block):
             y = block(x)
             torch.autograd.grad(y, [x] + list(block.parameters()), dy)
@@ -54,7 +83,7 @@ def main():
         with torch.no_grad():
             t_fwd = median_ms(lambda: block(x), a.device)
         t = median_ms(fwd_bwd, a.device)
-        rows.append(dict(name=name, fwd_ms=t_fwd, fwd_bwd_ms=t, mtok_s=batch * seqlen / t / 1e3))
+        rows.append(dict(name=name, fwd_ms=t_fwd, fwd_bwd_ms=t, mtok_s=batch * seqlen / t / 1e3, check_err=err))
     print(f"\nMambaBlock({d_model}), {dtype}, batch {batch} x seqlen {seqlen}, {device_name(a.device)}")
     print(f"{'implementation':24s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} {'M tok/s':>8s}")
     for r in rows:

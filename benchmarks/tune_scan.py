@@ -11,7 +11,6 @@ separately (the backward alone, from the forward's checkpoints of the same chunk
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 import time
 from pathlib import Path
@@ -27,20 +26,27 @@ from mamba_r1.ops.selective_scan import triton_bwd, triton_fwd  # noqa: E402
 from mamba_r1.ops.selective_scan.ref import selective_scan_ref_float64  # noqa: E402
 
 SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
-# (chunk_l, block_d, num_warps): from many channels x few steps per program (time mostly inside a thread) to one
-# channel x a long chunk (time spread over the threads, as mamba-ssm's CUDA kernel does).
-FWD = [(16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 32, 4), (32, 64, 4), (32, 64, 8), (64, 16, 4), (64, 32, 4),
-       (64, 32, 8), (128, 8, 4), (128, 8, 8), (128, 16, 8), (256, 4, 4), (256, 4, 8), (256, 8, 8), (512, 2, 4),
-       (512, 4, 8), (1024, 1, 4), (1024, 2, 8), (2048, 1, 8)]
-BWD = [(16, 32, 4), (16, 64, 4), (32, 16, 4), (32, 32, 4), (64, 8, 4), (64, 16, 4), (64, 32, 8), (128, 4, 4),
-       (128, 8, 4), (128, 16, 8), (256, 4, 4), (256, 8, 8), (512, 2, 4), (512, 4, 8), (1024, 1, 4), (1024, 2, 8)]
+# (chunk_l, block_d, num_warps, carry_in_memory, atomic_bc). A first sweep on an H200 (2026-11-30, all of 16-2048 x
+# 1-128 channels x 1-8 warps, carry in registers or memory, per-program dB/dC partials) found one channel per program
+# with a long chunk best for the forward and for the long-sequence backward; with one channel per program the
+# per-program dB/dC partials are dim copies of B, hence the atomics. This list is the second sweep around that.
+FWD = [(256, 1, 1, True, False), (256, 1, 2, True, False), (512, 1, 1, True, False), (512, 1, 2, True, False),
+       (512, 1, 4, True, False), (1024, 1, 2, True, False), (1024, 1, 4, True, False), (1024, 1, 8, True, False),
+       (2048, 1, 4, True, False), (2048, 1, 8, True, False), (512, 2, 2, True, False), (512, 2, 4, True, False),
+       (32, 32, 4, True, False), (64, 16, 4, True, False)]
+BWD = [(256, 1, 1, True, True), (256, 1, 2, True, True), (512, 1, 1, True, True), (512, 1, 2, True, True),
+       (512, 1, 4, True, True), (1024, 1, 2, True, True), (1024, 1, 4, True, True), (1024, 1, 8, True, True),
+       (2048, 1, 4, True, True), (2048, 1, 8, True, True), (1024, 1, 4, False, True), (512, 2, 2, True, True),
+       (512, 2, 4, True, True), (16, 64, 4, False, True), (32, 16, 4, False, True), (32, 32, 4, False, True),
+       (32, 16, 4, False, False)]
 
 
-def use(chunk_l, fwd=None, bwd=None, carry=False):
-    """Set the configuration; the kernel not being swept gets a tile of about 2k elements at this chunk length."""
-    fwd = fwd or (max(1, 1024 // chunk_l), 4)
-    bwd = bwd or (max(1, 2048 // chunk_l), 4)
-    triton_fwd.BLOCK_SIZE_OVERRIDE = triton_fwd.BlockSizes(chunk_l, fwd[0], fwd[1], bwd[0], bwd[1], carry)
+def use(chunk_l, fwd=None, bwd=None, carry=False, atomic=False):
+    """Set the configuration; the kernel not being swept gets one channel per program at this chunk length."""
+    fwd = fwd or (1, 4)
+    bwd = bwd or (1, 4)
+    triton_fwd.BLOCK_SIZE_OVERRIDE = triton_fwd.BlockSizes(chunk_l, fwd[0], fwd[1], bwd[0], bwd[1], carry,
+                                                           atomic or bwd[0] == 1)
 
 
 class Checker:
@@ -103,20 +109,17 @@ def main():
     shapes = [tuple(int(v) for v in s.split(",")) for s in a.shapes.split(";")] if a.shapes else SHAPES
     checker, rows, start = Checker("cuda"), [], time.perf_counter()
     print(f"tune_scan on {device_name('cuda')}, torch {torch.__version__}", flush=True)
-    plan = []
-    if "fwd" in a.which:
-        plan += [("fwd", c, carry) for c, carry in itertools.product(FWD, (False, True))]
-    if "bwd" in a.which:
-        plan += [("bwd", c, carry) for c, carry in itertools.product(BWD, (False, True))]
-    for kind, (chunk_l, block_d, warps), carry in plan:
+    plan = ([("fwd", c) for c in FWD] if "fwd" in a.which else []) + ([("bwd", c) for c in BWD] if "bwd" in a.which
+                                                                       else [])
+    for kind, (chunk_l, block_d, warps, carry, atomic) in plan:
         if time.perf_counter() - start > a.budget_s:
             print(f"budget spent: skipped the rest from {kind} {chunk_l, block_d, warps, carry}")
             break
         if kind == "fwd":
             use(chunk_l, fwd=(block_d, warps), carry=carry)
         else:
-            use(chunk_l, bwd=(block_d, warps), carry=carry)
-        row = dict(kind=kind, chunk_l=chunk_l, block_d=block_d, warps=warps, carry_in_memory=carry)
+            use(chunk_l, bwd=(block_d, warps), carry=carry, atomic=atomic)
+        row = dict(kind=kind, chunk_l=chunk_l, block_d=block_d, warps=warps, carry_in_memory=carry, atomic_bc=atomic)
         try:
             errs = [checker.errors(n) for n in sorted({s[3] for s in shapes})]
             row["fwd_err"], row["grad_err"] = max(e[0] for e in errs), max(e[1] for e in errs)
@@ -129,7 +132,8 @@ def main():
             row["error"] = f"{type(err).__name__}: {str(err)[:120]}"
         rows.append(row)
         times = " ".join(f"{row.get(str(s), float('nan')):8.3f}" for s in shapes)
-        print(f"{kind} chunk {chunk_l:5d} block_d {block_d:4d} warps {warps} carry {carry!s:5s} | {times} | "
+        print(f"{kind} chunk {chunk_l:5d} block_d {block_d:4d} warps {warps} carry {carry!s:5s} atomic {atomic!s:5s} | "
+              f"{times} | "
               f"err {row.get('fwd_err', float('nan')):.1e}/{row.get('grad_err', float('nan')):.1e} "
               f"{row.get('error', '')}", flush=True)
         torch.cuda.empty_cache()
@@ -141,7 +145,8 @@ def main():
             if timed:
                 best = min(timed, key=lambda r: r[str(shape)])
                 print(f"  {kind} {shape}: {best[str(shape)]:.3f} ms at chunk {best['chunk_l']}, block_d "
-                      f"{best['block_d']}, warps {best['warps']}, carry {best['carry_in_memory']}   "
+                      f"{best['block_d']}, warps {best['warps']}, carry {best['carry_in_memory']}, atomic "
+                      f"{best['atomic_bc']}   "
                       f"(anchor {MAMBA_SSM_H100.get(shape)})")
     write_json(a.out, dict(device=device_name("cuda"), torch=torch.__version__, rows=rows))
 

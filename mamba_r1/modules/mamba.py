@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import repeat
 from torch import nn
 
 from mamba_r1.ops.causal_conv1d import causal_conv1d_update
@@ -30,6 +30,27 @@ from mamba_r1.ops.state_update import selective_state_update
 DT_INITS = ("random", "constant")
 # The decode ops have no "ref" backend: their torch path is the reference. "auto" = fused Triton kernels on CUDA.
 STEP_BACKENDS = {"auto": "auto", "ref": "torch", "torch": "torch", "triton": "triton"}
+
+
+def channel_major_linear(
+    weight: torch.Tensor,  # (out_features, in_features)
+    x: torch.Tensor,  # (batch, in_features, seqlen), any strides
+    bias: torch.Tensor | None = None,  # (out_features,)
+    time_major_out: bool = False,
+) -> torch.Tensor:
+    """``F.linear`` over the channel axis of a (batch, channels, seqlen) tensor: one batched GEMM with the weight
+    broadcast (batch stride 0). Returns (batch, out_features, seqlen) contiguous, so the conv and the scan get operands
+    with time stride 1, or with ``time_major_out`` (batch, seqlen, out_features) contiguous, for the residual stream.
+    No transposed copy is made on the way in or out: cuBLAS reads transposed operands."""
+    if torch.is_autocast_enabled(x.device.type):
+        # Cast before broadcasting: autocast would otherwise materialise a converted copy per batch row.
+        weight = weight.to(torch.get_autocast_dtype(x.device.type))
+    batch = x.shape[0]
+    if time_major_out:
+        out = torch.bmm(x.transpose(1, 2), weight.t().expand(batch, -1, -1))  # (batch, seqlen, out_features)
+        return out if bias is None else out + bias
+    out = torch.bmm(weight.expand(batch, -1, -1), x)  # (batch, out_features, seqlen)
+    return out if bias is None else out + bias[:, None]
 
 
 @dataclass
@@ -154,11 +175,10 @@ class MambaBlock(nn.Module):
             B = repeat(self.B.to(u.dtype), "state -> batch state seqlen", batch=batch, seqlen=seqlen)
             C = repeat(self.C.to(u.dtype), "state -> batch state seqlen", batch=batch, seqlen=seqlen)
             return torch.zeros_like(u), B.contiguous(), C.contiguous(), self.dt_bias.float()
-        x_dbl = self.x_proj(rearrange(u, "batch dim seqlen -> batch seqlen dim"))
-        dt_low, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = rearrange(F.linear(dt_low, self.dt_proj.weight), "batch seqlen dim -> batch dim seqlen")
-        B = rearrange(B, "batch seqlen state -> batch state seqlen").contiguous()
-        C = rearrange(C, "batch seqlen state -> batch state seqlen").contiguous()
+        x_dbl = channel_major_linear(self.x_proj.weight, u)  # (batch, dt_rank + 2 * d_state, seqlen)
+        # B, C: (batch, d_state, seqlen) views with time stride 1, read in place by the scan.
+        dt_low, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = channel_major_linear(self.dt_proj.weight, dt_low)  # (batch, d_inner, seqlen)
         return delta, B, C, self.dt_proj.bias.float()
 
     # ------------------------------------------------------------------ state
@@ -220,8 +240,9 @@ class MambaBlock(nn.Module):
         if mask is not None:
             # Pad embeddings may be anything (even uninitialised memory); zeros keep NaN/inf out of 0 * x products.
             x = x.masked_fill(~mask[..., None], 0.0)
-        xz = rearrange(self.in_proj(x), "batch seqlen dim -> batch dim seqlen")
-        x_in, z = xz.chunk(2, dim=1)  # (batch, d_inner, seqlen) each
+        # Channel-major from here on: every (batch, d_inner, seqlen) operand of the conv and the scan has time stride 1.
+        xz = channel_major_linear(self.in_proj.weight, x.transpose(1, 2), self.in_proj.bias)  # (batch, 2 d_inner, seqlen)
+        x_in, z = xz.chunk(2, dim=1)  # (batch, d_inner, seqlen) views each
         conv_out, conv_state = self._causal_conv(x_in, mask, None if state is None else state.conv_state)
         u = F.silu(conv_out)  # (batch, d_inner, seqlen)
 
@@ -231,7 +252,7 @@ class MambaBlock(nn.Module):
             delta = delta.masked_fill(~mask[:, None, :], float("-inf"))
 
         scanned = selective_scan(
-            u, delta.contiguous(), -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
+            u, delta, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
             delta_bias=delta_bias, delta_softplus=True,
             initial_state=None if state is None else state.ssm_state, return_last_state=state is not None,
             backend=self.scan_backend,
@@ -240,7 +261,8 @@ class MambaBlock(nn.Module):
         if ssm_state is not None:
             # A backend may return a view into a per-chunk buffer; the carried state lives for a whole generation.
             ssm_state = ssm_state.clone(memory_format=torch.contiguous_format)
-        y = self.out_proj(rearrange(out, "batch dim seqlen -> batch seqlen dim"))  # (batch, seqlen, d_model)
+        # (batch, seqlen, d_model): out read transposed by the GEMM, no copy.
+        y = channel_major_linear(self.out_proj.weight, out, self.out_proj.bias, time_major_out=True)
         if mask is not None:
             y = y.masked_fill(~mask[..., None], 0.0)
         if state is None:
@@ -320,11 +342,25 @@ class MambaBlock(nn.Module):
             # As in forward's _ssm_params (rounded to the activation dtype), broadcast over rows without a copy.
             B = self.B.to(u.dtype).expand(batch, -1)  # (batch, d_state)
             C = self.C.to(u.dtype).expand(batch, -1)
-        # A = -exp(A_log): two tiny kernels per step that the op's fixed signature (A, not A_log) asks for; .float()
-        # is free for the float32 A_log that __init__ creates, and keeps exp accurate if a model was cast to bf16.
-        y = selective_state_update(state.ssm_state, u, dt, -torch.exp(self.A_log.float()), B, C, D=self.D, z=z,
+        y = selective_state_update(state.ssm_state, u, dt, self._A_for_step(), B, C, D=self.D, z=z,
                                    dt_bias=dt_bias, dt_softplus=True, backend=backend)  # (batch, d_inner)
         return self.out_proj(y), state
+
+    def _A_for_step(self) -> torch.Tensor:  # (d_inner, d_state) float32
+        """A = -exp(A_log), kept between decode steps while A_log is unchanged (two kernels per layer per token saved).
+
+        The key is A_log's in-place version counter and storage, so an optimizer step, ``load_state_dict`` or ``.to()``
+        all invalidate it. When autograd would track A_log the value is recomputed, so gradients still reach it.
+        A CUDA-graphed decode loop (generation._GraphedStep) runs eager warm-up steps first, so the cached tensor
+        exists before capture and the graph reads it in place.
+        """
+        if torch.is_grad_enabled() and self.A_log.requires_grad:
+            return -torch.exp(self.A_log.float())
+        key = (self.A_log._version, self.A_log.data_ptr(), self.A_log.device, self.A_log.dtype)
+        if getattr(self, "_A_step_key", None) != key:
+            self._A_step = -torch.exp(self.A_log.detach().float())
+            self._A_step_key = key
+        return self._A_step
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "

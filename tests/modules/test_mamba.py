@@ -71,6 +71,30 @@ def test_step_updates_state_in_place():
     assert state.ssm_state.abs().sum() > 0 and state.conv_state.abs().sum() > 0
 
 
+def test_step_follows_A_log_changes_between_calls():
+    """The step keeps -exp(A_log) between tokens; an in-place update or a load_state_dict must still be seen."""
+    block = make_block("ref")
+    x = torch.randn(2, block.d_model)
+    h0 = torch.randn(2, block.d_inner, block.d_state)  # a nonzero state, so A matters to the output
+
+    def one_step(module):
+        state = module.allocate_state(2)
+        state.ssm_state.copy_(h0)
+        with torch.no_grad():
+            return module.step(x, state)[0]
+
+    before = one_step(block)
+    with torch.no_grad():
+        block.A_log.add_(0.5)  # what an optimizer step does
+    after = one_step(block)
+    twin = make_block("ref")  # never stepped: nothing cached
+    twin.load_state_dict(block.state_dict())
+    assert rel_err(after, before) > 1e-3
+    assert torch.equal(after, one_step(twin))
+    block.load_state_dict({**block.state_dict(), "A_log": block.A_log.detach() - 0.5})
+    assert rel_err(one_step(block), before) <= F32
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("d_conv", [1, 4])
 def test_chunked_prefill_matches_one_forward(backend, d_conv):

@@ -12,7 +12,15 @@ import mamba_r1.ops.state_update as state_update_module
 from mamba_r1.ops import selective_scan_ref, selective_state_update
 from mamba_r1.ops.selective_scan.ref import selective_scan_ref_float64
 from mamba_r1.ops.state_update import selective_state_update_ref
-from tests.conftest import GRAD_TOL, TOL, rel_err
+from tests.conftest import DEVICE, GRAD_TOL, TOL, rel_err
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tensors_on_test_device():
+    """Every tensor these tests create lands on the test device: the GPU when there is one, where backend="triton"
+    runs the compiled kernel, else the CPU (and the interpreter)."""
+    with torch.device(DEVICE):
+        yield
 
 
 def make_inputs(batch, dim, seqlen, d_state, groups=0, dtype=torch.float32, with_D=True, with_z=True,
@@ -278,6 +286,7 @@ def test_triton_backend_takes_the_torch_path_when_grad_is_needed(monkeypatch):
         selective_state_update(**args, dt_softplus=True, backend="triton")
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU dispatch")
 def test_auto_backend_runs_torch_on_cpu(monkeypatch):
     def no_kernel(*args, **kwargs):
         raise AssertionError("the Triton kernel ran")
@@ -291,6 +300,7 @@ def test_bad_backend_raises_naming_the_choices():
         selective_state_update(**_valid_step_args(), backend="cuda")
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU path without the interpreter")
 def test_triton_on_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
     monkeypatch.setattr(state_update_module, "_interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):

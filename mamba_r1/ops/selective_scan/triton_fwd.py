@@ -36,13 +36,19 @@ class BlockSizes:
     atomic_bc: bool = False
 
 
-# GPU tuning edits this table only. "cuda": from a first sweep on an H100 (bf16; block_d 4-32, chunk_l 64-256, 2-8
-# warps; shapes 8x2048x2048x16, 1x2048x65536x16, 8x1024x2048x64): chunk_l 128 is the best length both kernels share;
-# at 8x2048x2048x16 this row gives forward 1.23 ms, forward+backward 6.9 ms (the forward's best alone was 1.11 ms at
-# block_d 4, chunk_l 256). Not yet keyed on the shape. Under the interpreter the blocks are tiny so that small test
-# shapes cross many chunk and block edges, and the two kernels use different block_d on purpose.
+# GPU tuning edits this table only. "cuda": from two sweeps with benchmarks/tune_scan.py on an H200 (2026-11-30, bf16;
+# shapes 8x2048x2048x16, 1x2048x65536x16, 8x1024x2048x64; chunk 16-2048 x 1-128 channels x 1-8 warps, carry in
+# registers or memory, dB/dC partials or atomics; benchmarks/RESULTS.md has the tables). One channel per program and
+# one warp, 512 steps per chunk (16 per thread), won every shape for both kernels but one (the d_state=64 forward,
+# 3% faster at chunk 256): one warp needs no barrier inside the scans, and one channel needs no reduction across
+# channels. With one channel per program dB/dC must be atomics (partials would be dim copies of B), and the carry goes
+# through memory (no per-state column extraction). Against the previous row (chunk 128, 8 / 16 channels, carry in
+# registers) it is 1.8x faster forward and 1.6x backward at 8x2048x2048x16, 2.2x / 2.4x at seqlen 65536.
+# Under the interpreter the blocks are tiny so that small test shapes cross many chunk and block edges, and the two
+# kernels use different block_d on purpose.
 BLOCK_SIZE_TABLE = {
-    "cuda": BlockSizes(chunk_l=128, fwd_block_d=8, fwd_warps=8, bwd_block_d=16, bwd_warps=4),
+    "cuda": BlockSizes(chunk_l=512, fwd_block_d=1, fwd_warps=1, bwd_block_d=1, bwd_warps=1, carry_in_memory=True,
+                       atomic_bc=True),
     "interpret": BlockSizes(chunk_l=8, fwd_block_d=2, fwd_warps=1, bwd_block_d=4, bwd_warps=1),
 }
 # Tuning scripts (benchmarks/tune_scan.py) set this to try a configuration; None in normal use.
