@@ -48,13 +48,14 @@ def main():
     p.add_argument("--seqlen", type=int, default=None)
     p.add_argument("--backends", default=None, help="scan backends, comma-separated")
     p.add_argument("--scan-blocks", default=None,
-                   help="chunk_l,fwd_block_d,fwd_warps,bwd_block_d,bwd_warps,carry,atomic: try a Triton configuration")
+                   help="chunk_l,fwd_block_d,fwd_warps,bwd_block_d,bwd_warps,carry,atomic[,n_stages,unroll_n]: try a "
+                        "Triton scan configuration")
     a = p.parse_args()
     if a.scan_blocks:
         from mamba_r1.ops.selective_scan import triton_fwd
 
         v = [int(x) for x in a.scan_blocks.split(",")]
-        triton_fwd.BLOCK_SIZE_OVERRIDE = triton_fwd.BlockSizes(*v[:5], bool(v[5]), bool(v[6]))
+        triton_fwd.BLOCK_SIZE_OVERRIDE = triton_fwd.BlockSizes(*v[:5], bool(v[5]), bool(v[6]), *v[7:])
         print("scan blocks:", triton_fwd.BLOCK_SIZE_OVERRIDE)
     cuda = a.device == "cuda"
     d_model = a.d_model or (1024 if cuda else 256)

@@ -68,6 +68,14 @@ def byte_floor_ms(shape, dtype, bandwidth_gbs, backward):
     return io * el / (bandwidth_gbs * 1e9) * 1e3
 
 
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy of 1 GiB, counting bytes read and written: what a memory-bound kernel can reach."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), "cuda")
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -97,7 +105,8 @@ def main():
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-backward", action="store_true")
-    p.add_argument("--bandwidth", type=float, default=2991.0, help="GB/s for the byte floor (TARGETS.md H100 copy)")
+    p.add_argument("--bandwidth", type=float, default=None,
+                   help="GB/s for the byte floor (default on CUDA: a device-to-device copy measured in this run)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
 
@@ -113,6 +122,9 @@ def main():
     except ImportError:
         selective_scan_fn = None
 
+    if cuda and a.bandwidth is None:
+        a.bandwidth = copy_bandwidth_gbs()
+        print(f"device-to-device copy: {a.bandwidth:.0f} GB/s (bytes read + written), used for the byte floor")
     rows = []
     shapes = ([tuple(int(v) for v in sh.split(",")) for sh in a.shapes.split(";")] if a.shapes
               else PRESETS[preset])
@@ -174,7 +186,7 @@ def main():
             line += f" {r['floor_fwd_ms']:6.3f}/{r['floor_fwd_bwd_ms']:6.3f} " \
                     f"{r['vs_mamba_ssm_fwd']:8.2f}, {r['vs_mamba_ssm_fwd_bwd']:7.2f}"
         print(line)
-    payload = dict(device=name, torch=torch.__version__, rows=rows)
+    payload = dict(device=name, torch=torch.__version__, bandwidth_gbs=a.bandwidth, rows=rows)
     write_json(a.out or f"scan_{a.device}.json", payload)
 
 if __name__ == "__main__":

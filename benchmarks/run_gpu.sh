@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One device call: correctness on CUDA first, then every benchmark. Logs and JSON go to $OUT (the device tool's
 # output folder) when set. Usage (repo root, wheels for einops/loguru/hypothesis carried in .whl/):
-#   bash benchmarks/run_gpu.sh [scan|block|moe|memory|decode|tests ...]   (default: all)
+#   bash benchmarks/run_gpu.sh [scan|block|moe|memory|decode|profile|tests ...]   (default: all)
 set -uo pipefail
-OUT=${OUT:-/tmp/mamba_r1_gpu}
-mkdir -p "$OUT"
+# Logs land in a scratch folder, then one tarball in $OUT (the device tool returns at most 8 files).
+FINAL=${OUT:-/tmp/mamba_r1_gpu}
+OUT=/tmp/mamba_r1_gpu_logs
+mkdir -p "$OUT" "$FINAL"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
@@ -12,18 +14,23 @@ else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
-what=${*:-tests scan block moe memory decode}
+what=${*:-tests scan block moe memory decode profile}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 for w in $what; do
   case $w in
     tests)  python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_selective_scan_triton.py \
-              tests/ops/test_selective_scan.py tests/modules/test_mamba.py tests/modules/test_moe.py 2>&1 | tail -15 | tee "$OUT/tests.log" ;;
+              tests/ops/test_selective_scan.py tests/ops/test_state_update.py tests/ops/test_causal_conv1d.py \
+              tests/modules/test_mamba.py tests/modules/test_moe.py tests/test_generation.py 2>&1 | tail -15 \
+              | tee "$OUT/tests.log" ;;
     scan)   python3 benchmarks/bench_scan.py --device cuda --preset targets --out "$OUT/scan_cuda.json" 2>&1 | tee "$OUT/scan.log" ;;
     block)  python3 benchmarks/bench_block.py --device cuda 2>&1 | tee "$OUT/block.log" ;;
     moe)    python3 benchmarks/bench_moe.py --device cuda 2>&1 | tee "$OUT/moe.log" ;;
     memory) python3 benchmarks/bench_memory.py --device cuda 2>&1 | tee "$OUT/memory.log" ;;
     decode) python3 benchmarks/bench_decode.py --device cuda 2>&1 | tee "$OUT/decode.log" ;;
+    profile) python3 benchmarks/profile_gpu.py block 2>&1 | tee "$OUT/profile_block.log" ;;
   esac
 done
 cp benchmarks/results/*.json benchmarks/results/*.png "$OUT"/ 2>/dev/null || true
+tar -czf "$FINAL/gpu_results.tgz" -C "$OUT" .
+echo "results: $FINAL/gpu_results.tgz"

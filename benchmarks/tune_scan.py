@@ -1,4 +1,4 @@
-"""Sweep the Triton scan's block sizes (chunk length, channels per program, warps, where the chunk carry lives) on a
+"""Sweep the Triton scan's block sizes (chunk length, channels per program, warps, pipelining and unrolling of the
 GPU and print the best forward and backward configuration per shape: the data behind BLOCK_SIZE_TABLE.
 
 Every configuration is first checked against the float64 reference (forward and all gradients, bf16 inputs) on a
@@ -26,27 +26,23 @@ from mamba_r1.ops.selective_scan import triton_bwd, triton_fwd  # noqa: E402
 from mamba_r1.ops.selective_scan.ref import selective_scan_ref_float64  # noqa: E402
 
 SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
-# (chunk_l, block_d, num_warps, carry_in_memory, atomic_bc). A first sweep on an H200 (2026-11-30, all of 16-2048 x
-# 1-128 channels x 1-8 warps, carry in registers or memory, per-program dB/dC partials) found one channel per program
-# with a long chunk best for the forward and for the long-sequence backward; with one channel per program the
-# per-program dB/dC partials are dim copies of B, hence the atomics. This list is the second sweep around that.
-FWD = [(256, 1, 1, True, False), (256, 1, 2, True, False), (512, 1, 1, True, False), (512, 1, 2, True, False),
-       (512, 1, 4, True, False), (1024, 1, 2, True, False), (1024, 1, 4, True, False), (1024, 1, 8, True, False),
-       (2048, 1, 4, True, False), (2048, 1, 8, True, False), (512, 2, 2, True, False), (512, 2, 4, True, False),
-       (32, 32, 4, True, False), (64, 16, 4, True, False)]
-BWD = [(256, 1, 1, True, True), (256, 1, 2, True, True), (512, 1, 1, True, True), (512, 1, 2, True, True),
-       (512, 1, 4, True, True), (1024, 1, 2, True, True), (1024, 1, 4, True, True), (1024, 1, 8, True, True),
-       (2048, 1, 4, True, True), (2048, 1, 8, True, True), (1024, 1, 4, False, True), (512, 2, 2, True, True),
-       (512, 2, 4, True, True), (16, 64, 4, False, True), (32, 16, 4, False, True), (32, 32, 4, False, True),
-       (32, 16, 4, False, False)]
+# (chunk_l, block_d, num_warps, n_stages, unroll_n); the chunk carry goes through memory and dB/dC are atomic.
+# A first sweep on an H200 (2026-11-30: chunk 16-2048 x 1-128 channels x 1-8 warps, carry in registers or memory,
+# per-program dB/dC partials) and a second (one channel per program, atomics) found chunk 512 x one channel x one
+# warp best (benchmarks/RESULTS.md has both); this third list tries pipelining and unrolling the loop over states.
+FWD = [(512, 1, 1, 1, 1), (512, 1, 1, 2, 1), (512, 1, 1, 3, 1), (512, 1, 1, 1, 2), (512, 1, 1, 1, 4),
+       (512, 1, 1, 2, 2), (256, 1, 1, 2, 2), (1024, 1, 1, 1, 1), (1024, 1, 1, 2, 1), (1024, 1, 2, 2, 2)]
+BWD = [(512, 1, 1, 1, 1), (512, 1, 1, 2, 1), (512, 1, 1, 3, 1), (512, 1, 1, 1, 2), (512, 1, 1, 1, 4),
+       (512, 1, 1, 2, 2), (256, 1, 1, 2, 2), (1024, 1, 1, 1, 1), (1024, 1, 1, 2, 1)]
 
 
-def use(chunk_l, fwd=None, bwd=None, carry=False, atomic=False):
-    """Set the configuration; the kernel not being swept gets one channel per program at this chunk length."""
-    fwd = fwd or (1, 4)
-    bwd = bwd or (1, 4)
-    triton_fwd.BLOCK_SIZE_OVERRIDE = triton_fwd.BlockSizes(chunk_l, fwd[0], fwd[1], bwd[0], bwd[1], carry,
-                                                           atomic or bwd[0] == 1)
+def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1):
+    """Set the configuration; the kernel not being swept gets one channel per program and one warp."""
+    fwd = fwd or (1, 1)
+    bwd = bwd or (1, 1)
+    triton_fwd.BLOCK_SIZE_OVERRIDE = triton_fwd.BlockSizes(chunk_l, fwd[0], fwd[1], bwd[0], bwd[1],
+                                                           carry_in_memory=True, atomic_bc=True, n_stages=stages,
+                                                           unroll_n=unroll)
 
 
 class Checker:
@@ -111,15 +107,15 @@ def main():
     print(f"tune_scan on {device_name('cuda')}, torch {torch.__version__}", flush=True)
     plan = ([("fwd", c) for c in FWD] if "fwd" in a.which else []) + ([("bwd", c) for c in BWD] if "bwd" in a.which
                                                                        else [])
-    for kind, (chunk_l, block_d, warps, carry, atomic) in plan:
+    for kind, (chunk_l, block_d, warps, stages, unroll) in plan:
         if time.perf_counter() - start > a.budget_s:
-            print(f"budget spent: skipped the rest from {kind} {chunk_l, block_d, warps, carry}")
+            print(f"budget spent: skipped the rest from {kind} {chunk_l, block_d, warps, stages, unroll}")
             break
         if kind == "fwd":
-            use(chunk_l, fwd=(block_d, warps), carry=carry)
+            use(chunk_l, fwd=(block_d, warps), stages=stages, unroll=unroll)
         else:
-            use(chunk_l, bwd=(block_d, warps), carry=carry, atomic=atomic)
-        row = dict(kind=kind, chunk_l=chunk_l, block_d=block_d, warps=warps, carry_in_memory=carry, atomic_bc=atomic)
+            use(chunk_l, bwd=(block_d, warps), stages=stages, unroll=unroll)
+        row = dict(kind=kind, chunk_l=chunk_l, block_d=block_d, warps=warps, n_stages=stages, unroll_n=unroll)
         try:
             errs = [checker.errors(n) for n in sorted({s[3] for s in shapes})]
             row["fwd_err"], row["grad_err"] = max(e[0] for e in errs), max(e[1] for e in errs)
@@ -132,7 +128,7 @@ def main():
             row["error"] = f"{type(err).__name__}: {str(err)[:120]}"
         rows.append(row)
         times = " ".join(f"{row.get(str(s), float('nan')):8.3f}" for s in shapes)
-        print(f"{kind} chunk {chunk_l:5d} block_d {block_d:4d} warps {warps} carry {carry!s:5s} atomic {atomic!s:5s} | "
+        print(f"{kind} chunk {chunk_l:5d} block_d {block_d:4d} warps {warps} stages {stages} unroll {unroll} | "
               f"{times} | "
               f"err {row.get('fwd_err', float('nan')):.1e}/{row.get('grad_err', float('nan')):.1e} "
               f"{row.get('error', '')}", flush=True)
@@ -145,8 +141,8 @@ def main():
             if timed:
                 best = min(timed, key=lambda r: r[str(shape)])
                 print(f"  {kind} {shape}: {best[str(shape)]:.3f} ms at chunk {best['chunk_l']}, block_d "
-                      f"{best['block_d']}, warps {best['warps']}, carry {best['carry_in_memory']}, atomic "
-                      f"{best['atomic_bc']}   "
+                      f"{best['block_d']}, warps {best['warps']}, stages {best['n_stages']}, unroll "
+                      f"{best['unroll_n']}   "
                       f"(anchor {MAMBA_SSM_H100.get(shape)})")
     write_json(a.out, dict(device=device_name("cuda"), torch=torch.__version__, rows=rows))
 

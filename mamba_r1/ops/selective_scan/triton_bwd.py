@@ -48,7 +48,8 @@ def _selective_scan_bwd_kernel(
     stride_dz_batch, stride_dz_dim,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
     WANT_DH0: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr, ATOMIC_BC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
+    UNROLL_N: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
     pid_batch = tl.program_id(1).to(tl.int64)
@@ -145,7 +146,8 @@ def _selective_scan_bwd_kernel(
         ddt = tl.zeros((BLOCK_D, CHUNK_L), dtype=tl.float32)
         g_B = tl.zeros((BLOCK_D, CHUNK_L), dtype=tl.float32)  # sum_n g_t B_t
 
-        for n in range(d_state):
+        # Unrolling / pipelining the state loop lets one state's loads of B and C and its scan overlap another's.
+        for n in tl.range(0, d_state, num_stages=N_STAGES, loop_unroll_factor=UNROLL_N):
             A_n = tl.load(A_rows + n * stride_A_state, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
             B_n = tl.load(B_group + n * stride_B_state + offs_t, mask=mask_t, other=0.0).to(tl.float32)  # (CHUNK_L,)
             C_n = tl.load(C_group + n * stride_C_state + offs_t, mask=mask_t, other=0.0).to(tl.float32)
@@ -297,6 +299,7 @@ def selective_scan_bwd_launch(
         HAS_DLAST=dlast is not None, WANT_DH0=want_dinitial_state, DELTA_SOFTPLUS=delta_softplus,
         CARRY_IN_MEMORY=sizes.carry_in_memory, ATOMIC_BC=sizes.atomic_bc,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
+        N_STAGES=sizes.n_stages, UNROLL_N=sizes.unroll_n,
         num_warps=sizes.bwd_warps,
     )
     return {

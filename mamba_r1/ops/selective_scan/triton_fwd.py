@@ -34,6 +34,9 @@ class BlockSizes:
     # writing per-program partials that torch sums afterwards (those are dim / bwd_block_d copies of B). Atomics
     # make dB and dC's float32 rounding depend on the order programs finish (not bitwise reproducible).
     atomic_bc: bool = False
+    # The loop over states: software-pipelining stages for its loads (1 = none) and unroll factor (1 = none).
+    n_stages: int = 1
+    unroll_n: int = 1
 
 
 # GPU tuning edits this table only. "cuda": from two sweeps with benchmarks/tune_scan.py on an H200 (2026-11-30, bf16;
@@ -108,7 +111,8 @@ def _selective_scan_fwd_kernel(
     stride_out_batch, stride_out_dim,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
+    UNROLL_N: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
     pid_batch = tl.program_id(1).to(tl.int64)
@@ -174,7 +178,8 @@ def _selective_scan_fwd_kernel(
         else:
             y = tl.zeros((BLOCK_D, CHUNK_L), dtype=tl.float32)
 
-        for n in range(d_state):
+        # Unrolling / pipelining the state loop lets one state's loads of B and C and its scan overlap another's.
+        for n in tl.range(0, d_state, num_stages=N_STAGES, loop_unroll_factor=UNROLL_N):
             A_n = tl.load(A_rows + n * stride_A_state, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
             B_n = tl.load(B_group + n * stride_B_state + offs_t, mask=mask_t, other=0.0).to(tl.float32)  # (CHUNK_L,)
             C_n = tl.load(C_group + n * stride_C_state + offs_t, mask=mask_t, other=0.0).to(tl.float32)
@@ -247,6 +252,7 @@ def selective_scan_fwd_launch(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         HAS_H0=initial_state is not None, DELTA_SOFTPLUS=delta_softplus, CARRY_IN_MEMORY=sizes.carry_in_memory,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
+        N_STAGES=sizes.n_stages, UNROLL_N=sizes.unroll_n,
         num_warps=sizes.fwd_warps,
     )
     return last_state, ckpt
