@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import repeat
 from torch import nn
 
-from mamba_r1.ops.causal_conv1d import causal_conv1d_update
+from mamba_r1.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
 from mamba_r1.ops.selective_scan import BACKENDS, selective_scan
 from mamba_r1.ops.state_update import selective_state_update
 
@@ -243,8 +243,7 @@ class MambaBlock(nn.Module):
         # Channel-major from here on: every (batch, d_inner, seqlen) operand of the conv and the scan has time stride 1.
         xz = channel_major_linear(self.in_proj.weight, x.transpose(1, 2), self.in_proj.bias)  # (batch, 2 d_inner, seqlen)
         x_in, z = xz.chunk(2, dim=1)  # (batch, d_inner, seqlen) views each
-        conv_out, conv_state = self._causal_conv(x_in, mask, None if state is None else state.conv_state)
-        u = F.silu(conv_out)  # (batch, d_inner, seqlen)
+        u, conv_state = self._causal_conv(x_in, mask, None if state is None else state.conv_state)
 
         delta, B, C, delta_bias = self._ssm_params(u)
         if mask is not None:
@@ -275,40 +274,41 @@ class MambaBlock(nn.Module):
         mask: torch.Tensor | None,  # (batch, seqlen) bool
         context: torch.Tensor | None,  # (batch, d_inner, d_conv - 1): inputs before x_in[..., 0]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Causal depthwise conv over real tokens only. Returns (out (batch, d_inner, seqlen), new conv state or None).
+        """SiLU of the causal depthwise conv over real tokens only. Returns (u (batch, d_inner, seqlen), new conv state
+        or None).
 
-        With a mask, each row is compacted so its real tokens come first in order; the conv then never sees a pad
-        between two real tokens, and the pads (all at the end) cannot reach real outputs through a causal kernel.
+        Without a mask: the fused conv + SiLU op (Triton on CUDA: reads x_in in place, no padded copy). With a mask,
+        each row is compacted so its real tokens come first in order; the conv then never sees a pad between two real
+        tokens, and the pads (all at the end) cannot reach real outputs through a causal kernel.
         """
         batch, d_inner, seqlen = x_in.shape
         width = self.d_conv - 1
         weight, bias = self.conv1d.weight, self.conv1d.bias  # (d_inner, 1, d_conv), (d_inner,)
-        if mask is None and context is None:
-            out = F.conv1d(x_in, weight, bias, padding=width, groups=d_inner)[..., :seqlen]
-            return out, None
+        if mask is None:
+            u = causal_conv1d(x_in, weight, bias, silu=True, initial_state=context if width else None,
+                              backend=STEP_BACKENDS[self.scan_backend])
+            if context is None:
+                return u, None
+            # The new state is the last `width` inputs, reaching back into the context when seqlen < width; a copy,
+            # not a slice, so the state carried through a generation does not pin the whole (.., seqlen) buffer.
+            inputs = x_in if seqlen >= width else torch.cat([context.to(x_in.dtype), x_in], dim=-1)
+            return u, inputs[..., inputs.shape[-1] - width:].clone(memory_format=torch.contiguous_format)
 
-        order = None
-        if mask is not None:
-            # Stable sort on "is pad" puts real tokens first, keeping their order.
-            order = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True)  # (batch, seqlen)
-            x_in = x_in.gather(-1, repeat(order, "batch seqlen -> batch dim seqlen", dim=d_inner))
+        # Stable sort on "is pad" puts real tokens first, keeping their order.
+        order = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True)  # (batch, seqlen)
+        x_in = x_in.gather(-1, repeat(order, "batch seqlen -> batch dim seqlen", dim=d_inner))
         if context is None:
             context = x_in.new_zeros(batch, d_inner, width)
         padded = torch.cat([context.to(x_in.dtype), x_in], dim=-1)  # (batch, d_inner, width + seqlen)
         out = F.conv1d(padded, weight, bias, groups=d_inner)  # (batch, d_inner, seqlen)
 
         # The new state is the last `width` real inputs, reaching back into the context when a row has fewer.
-        if mask is None:
-            # A copy, not a slice: the state outlives this call and must not pin the whole (.., seqlen) buffer.
-            conv_state = padded[..., seqlen:].clone(memory_format=torch.contiguous_format)
-        else:
-            last = mask.sum(-1)[:, None] + torch.arange(width, device=x_in.device)  # (batch, width) into `padded`
-            conv_state = padded.gather(-1, repeat(last, "batch width -> batch dim width", dim=d_inner))
+        last = mask.sum(-1)[:, None] + torch.arange(width, device=x_in.device)  # (batch, width) into `padded`
+        conv_state = padded.gather(-1, repeat(last, "batch width -> batch dim width", dim=d_inner))
 
-        if order is not None:
-            inverse = torch.argsort(order, dim=-1)  # position of each original token in the compacted row
-            out = out.gather(-1, repeat(inverse, "batch seqlen -> batch dim seqlen", dim=d_inner))
-        return out, conv_state
+        inverse = torch.argsort(order, dim=-1)  # position of each original token in the compacted row
+        out = out.gather(-1, repeat(inverse, "batch seqlen -> batch dim seqlen", dim=d_inner))
+        return F.silu(out), conv_state
 
     # ------------------------------------------------------------------ decoding
 

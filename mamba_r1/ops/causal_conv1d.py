@@ -1,22 +1,36 @@
-"""One decoding step of Mamba's causal depthwise conv1d: the conv part of ``MambaBlock.step``.
+"""Mamba's causal depthwise conv1d: the whole sequence for training and prefill, and one decoding step.
 
-Per batch row b and channel d, with ``width`` taps:
+``causal_conv1d`` (training, forward and backward), per batch row b, channel d, time t, with ``width`` taps:
+    xpad = concat(initial_state or zeros, x)                 (batch, dim, width - 1 + seqlen)
+    out[b, d, t] = act(bias[d] + sum_k weight[d, k] * xpad[b, d, t + k])
+so weight[:, -1] multiplies the current step, exactly F.conv1d(x, weight[:, None], bias, padding=width - 1,
+groups=dim)[..., :seqlen]. Backends "torch" (``causal_conv1d_ref``, F.conv1d, the specification), "triton" (a fused
+forward and a fused backward kernel, wrapped as custom ops with autograd), "auto" (triton on CUDA tensors, torch
+otherwise). The kernels read x in place through its strides (a channel slice of in_proj's output, a permuted
+buffer), where cuDNN's depthwise conv needs a contiguous copy and spends most of a training step's conv time in
+its backward.
+
+``causal_conv1d_update`` (decode), per batch row b and channel d:
     window = concat(conv_state[b, d, :], x[b, d])           (width,): the last width - 1 inputs, then this one
     out    = act(sum_k window[k] * weight[d, k] + bias[d])   act = silu if asked, else the identity
     conv_state[b, d, :] <- window[1:]                        in place, so a decode loop reuses one buffer
-Accumulation is float32 whatever the dtypes; the output has x's dtype, the state keeps its own.
-
 Backends as for ``selective_state_update``: "torch" (``causal_conv1d_update_ref``, the specification), "triton"
 (one fused kernel: CUDA, or CPU under TRITON_INTERPRET=1; inference only), "auto" (triton on CUDA tensors, torch
 otherwise). In PyTorch the step is half a dozen small kernels (cat, casts, multiply, sum, bias, silu, copy); the
 fused kernel reads the state once and shifts it in place in the same launch.
+
+Accumulation is float32 whatever the dtypes (``causal_conv1d_ref`` keeps float64 inputs in float64); outputs have
+x's dtype, the decode state keeps its own.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from loguru import logger
+from torch import Tensor
 
 from mamba_r1.ops.selective_scan import _check_float, _check_shape
 from mamba_r1.ops.state_update import (
@@ -195,4 +209,428 @@ def causal_conv1d_update(
     return _causal_conv1d_update_triton(x, conv_state, weight, bias, silu)
 
 
-__all__ = ["causal_conv1d_update", "causal_conv1d_update_ref"]
+
+# ================================================================================ whole sequence (training, prefill)
+
+# Largest width the Triton kernels accept: the backward unrolls width x width shifted loads (Mamba uses 4).
+MAX_TRITON_WIDTH = 8
+
+
+def _check_seq_args(x, weight, bias, silu, initial_state) -> None:
+    """Validate causal_conv1d's inputs; raise ValueError/TypeError naming the argument, expected and given."""
+    _check_float("x", x)
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, dim, seqlen); got shape {tuple(x.shape)}")
+    batch, dim, seqlen = x.shape
+    if seqlen == 0:
+        raise ValueError(f"x must have seqlen >= 1; got shape {tuple(x.shape)}")
+    _check_float("weight", weight)
+    nn_layout = weight.dim() == 3 and weight.shape[1] == 1
+    if not (weight.dim() == 2 or nn_layout) or weight.shape[0] != dim or weight.shape[-1] < 1:
+        raise ValueError(f"weight must be (dim, width) or nn.Conv1d's (dim, 1, width) with dim={dim} and width >= 1; "
+                         f"got shape {tuple(weight.shape)}")
+    width = weight.shape[-1]
+    if bias is not None:
+        _check_float("bias", bias)
+        _check_shape("bias", bias, (dim,), "(dim,)")
+    if not isinstance(silu, bool):
+        raise TypeError(f"silu must be a bool; got {type(silu).__name__}")
+    if initial_state is not None:
+        _check_float("initial_state", initial_state)
+        _check_shape("initial_state", initial_state, (batch, dim, width - 1), "(batch, dim, width - 1)")
+    for name, t in (("weight", weight), ("bias", bias), ("initial_state", initial_state)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must be on one device")
+
+
+def causal_conv1d_ref(
+    x: torch.Tensor,  # (batch, dim, seqlen)
+    weight: torch.Tensor,  # (dim, width) or (dim, 1, width)
+    bias: torch.Tensor | None = None,  # (dim,)
+    silu: bool = False,
+    initial_state: torch.Tensor | None = None,  # (batch, dim, width - 1)
+) -> torch.Tensor:  # (batch, dim, seqlen) in x's dtype
+    """The causal depthwise conv1d in plain PyTorch (F.conv1d in float32, or float64 for float64 x): the specification
+    of the fused kernels, differentiable by autograd in every input. Inputs are trusted (checked by
+    ``causal_conv1d``)."""
+    dim, width = weight.shape[0], weight.shape[-1]
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if initial_state is None:
+        xpad = F.pad(x.to(compute), (width - 1, 0))  # (batch, dim, width - 1 + seqlen)
+    else:
+        xpad = torch.cat([initial_state.to(compute), x.to(compute)], dim=-1)
+    out = F.conv1d(xpad, weight.reshape(dim, 1, width).to(compute), None if bias is None else bias.to(compute),
+                   groups=dim)  # (batch, dim, seqlen)
+    if silu:
+        out = F.silu(out)
+    return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- Triton kernels
+
+# (channels, time steps) per program and warps: not yet tuned on a GPU. Time is the contiguous axis, so BLOCK_L carries
+# the coalescing. What is known comes from compiling for sm_90 without running (bf16 x, time stride 1, silu, bias,
+# initial state): registers per thread at width 4 are fwd 56, bwd 111 for this row (fwd 104 / bwd 188 at BLOCK_D 16),
+# no spills. The backward unrolls width x width loads that the compiler hoists, so at width 8 the same row spills
+# (255 registers + 1.6 KB stack) and wide kernels get half the tile per thread (188 registers, no spill).
+FWD_BLOCK_D_CUDA, FWD_BLOCK_L_CUDA, FWD_WARPS_CUDA = 8, 128, 4
+BWD_BLOCK_D_CUDA, BWD_BLOCK_L_CUDA, BWD_WARPS_CUDA = 8, 128, 4
+BWD_WIDE_MIN_WIDTH, BWD_WIDE_BLOCK_D_CUDA, BWD_WIDE_WARPS_CUDA = 6, 4, 8
+# Under the interpreter: tiny blocks, so the small test shapes cross channel and time block edges.
+BLOCK_D_SEQ_INTERPRET, BLOCK_L_SEQ_INTERPRET = 2, 4
+
+
+@_jit
+def _load_xpad(
+    x_rows, init_rows,  # (BLOCK_D,) pointers to time 0 of x's rows / column 0 of initial_state's rows
+    mask_d, offs_t,  # (BLOCK_D,) valid channels; (T,) times, any in [-2 * (WIDTH - 1), seqlen + WIDTH)
+    seqlen, stride_x_time, stride_init_k,
+    HAS_INITIAL_STATE: tl.constexpr, WIDTH: tl.constexpr,
+):
+    """(BLOCK_D, T) float32 tile of xpad at times offs_t, where time -j is initial_state[..., WIDTH - 1 - j]
+    (or zero), and times before -(WIDTH - 1) or past the sequence are zero."""
+    in_x = (offs_t >= 0) & (offs_t < seqlen)
+    vals = tl.load(x_rows[:, None] + offs_t[None, :] * stride_x_time, mask=mask_d[:, None] & in_x[None, :],
+                   other=0.0).to(tl.float32)
+    if HAS_INITIAL_STATE:
+        in_init = (offs_t < 0) & (offs_t >= 1 - WIDTH)
+        vals += tl.load(init_rows[:, None] + (offs_t + WIDTH - 1)[None, :] * stride_init_k,
+                        mask=mask_d[:, None] & in_init[None, :], other=0.0).to(tl.float32)
+    return vals
+
+
+@_jit
+def _pre_activation(
+    x_rows, init_rows, weight_rows, bias_ptr,  # (BLOCK_D,) row pointers; bias_ptr: the bias vector
+    offs_d, mask_d, offs_t,  # channels (BLOCK_D,), times (T,)
+    seqlen, stride_x_time, stride_init_k, stride_weight_k,
+    HAS_BIAS: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, WIDTH: tl.constexpr,
+):
+    """(BLOCK_D, T) float32 tile of bias + sum_k weight[:, k] * xpad[t + k], t = offs_t: WIDTH shifted loads of
+    the same window, all but the first hitting the cache."""
+    acc = tl.zeros((offs_d.shape[0], offs_t.shape[0]), dtype=tl.float32)
+    for k in tl.static_range(WIDTH):
+        tap = tl.load(weight_rows + k * stride_weight_k, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
+        # xpad[t + k] is input time t + k - (WIDTH - 1).
+        acc += tap[:, None] * _load_xpad(x_rows, init_rows, mask_d, offs_t + (k - (WIDTH - 1)), seqlen,
+                                         stride_x_time, stride_init_k, HAS_INITIAL_STATE, WIDTH)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+    return acc
+
+
+@_jit
+def _causal_conv1d_fwd_kernel(
+    x_ptr, weight_ptr, bias_ptr, init_ptr,  # inputs, any float dtype and strides
+    out_ptr,  # (batch, dim, seqlen) contiguous, in x's dtype
+    dim, seqlen,
+    stride_x_batch, stride_x_dim, stride_x_time,
+    stride_weight_dim, stride_weight_k,
+    stride_init_batch, stride_init_dim, stride_init_k,
+    stride_out_batch, stride_out_dim,
+    HAS_BIAS: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """One program per (block of BLOCK_L time steps, block of BLOCK_D channels, batch row): out's (BLOCK_D, BLOCK_L)
+    tile from the (BLOCK_D, BLOCK_L + WIDTH - 1) input window read as WIDTH shifted tiles."""
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_batch = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_d = offs_d < dim
+    rows = offs_d.to(tl.int64)  # a permuted x's channel stride can be batch * seqlen: keep row offsets in int64
+    # (BLOCK_D,) pointers: time 0 of this batch row's channels in x, column 0 of their initial state, tap 0 of
+    # their weights.
+    x_rows = x_ptr + pid_batch * stride_x_batch + rows * stride_x_dim
+    init_rows = init_ptr + pid_batch * stride_init_batch + rows * stride_init_dim
+    weight_rows = weight_ptr + rows * stride_weight_dim
+
+    out = _pre_activation(x_rows, init_rows, weight_rows, bias_ptr, offs_d, mask_d, offs_l, seqlen, stride_x_time,
+                          stride_init_k, stride_weight_k, HAS_BIAS, HAS_INITIAL_STATE, WIDTH)
+    if SILU:
+        out = out * tl.sigmoid(out)
+    out_ptrs = out_ptr + pid_batch * stride_out_batch + rows[:, None] * stride_out_dim + offs_l[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_d[:, None] & (offs_l < seqlen)[None, :])
+
+
+@_jit
+def _grad_pre_activation(
+    dout_rows, x_rows, init_rows, weight_rows, bias_ptr,  # (BLOCK_D,) row pointers; bias_ptr: the bias vector
+    offs_d, mask_d, offs_t,  # channels (BLOCK_D,), times (T,)
+    seqlen, stride_dout_time, stride_x_time, stride_init_k, stride_weight_k,
+    HAS_BIAS: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,
+):
+    """(BLOCK_D, T) float32 tile of dpre = dout * act'(pre) at times offs_t (zero outside the sequence), with the
+    pre-activation recomputed rather than saved by the forward."""
+    in_seq = (offs_t >= 0) & (offs_t < seqlen)
+    dpre = tl.load(dout_rows[:, None] + offs_t[None, :] * stride_dout_time, mask=mask_d[:, None] & in_seq[None, :],
+                   other=0.0).to(tl.float32)
+    if SILU:
+        pre = _pre_activation(x_rows, init_rows, weight_rows, bias_ptr, offs_d, mask_d, offs_t, seqlen,
+                              stride_x_time, stride_init_k, stride_weight_k, HAS_BIAS, HAS_INITIAL_STATE, WIDTH)
+        sig = tl.sigmoid(pre)
+        dpre = dpre * sig * (1.0 + pre * (1.0 - sig))  # d/dp [p * sigmoid(p)]
+    return dpre
+
+
+@_jit
+def _causal_conv1d_bwd_kernel(
+    dout_ptr, x_ptr, weight_ptr, bias_ptr, init_ptr,  # inputs, any float dtype and strides
+    dx_ptr,  # (batch, dim, seqlen) contiguous
+    dweight_part_ptr,  # (batch * n_blocks_l, dim, WIDTH) float32: this program's sum over its times
+    dbias_part_ptr,  # (batch * n_blocks_l, dim) float32
+    dinit_ptr,  # (batch, dim, WIDTH - 1) contiguous float32
+    dim, seqlen, n_blocks_l,
+    stride_dout_batch, stride_dout_dim, stride_dout_time,
+    stride_x_batch, stride_x_dim, stride_x_time,
+    stride_weight_dim, stride_weight_k,
+    stride_init_batch, stride_init_dim, stride_init_k,
+    stride_dx_batch, stride_dx_dim,
+    HAS_BIAS: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """One program per (block of BLOCK_L time steps, block of BLOCK_D channels, batch row), as the forward.
+
+    With dpre = dout * act'(pre):  dx[t] = sum_s weight[WIDTH - 1 - s] * dpre[t + s]  (a time reaches the outputs
+    of the next WIDTH steps), dweight[k] = sum_t dpre[t] * xpad[t + k], dbias = sum_t dpre[t]. dpre at the shifted
+    times t + s is recomputed from x (WIDTH x WIDTH loads of one window, cache hits) instead of exchanged between
+    programs. The programs of the first time block also write d initial_state: dx at times -(WIDTH - 1)..-1.
+    """
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_batch = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_d = offs_d < dim
+    rows = offs_d.to(tl.int64)
+    # (BLOCK_D,) pointers to time 0 (column 0, tap 0) of these channels' rows in each tensor.
+    dout_rows = dout_ptr + pid_batch * stride_dout_batch + rows * stride_dout_dim
+    x_rows = x_ptr + pid_batch * stride_x_batch + rows * stride_x_dim
+    init_rows = init_ptr + pid_batch * stride_init_batch + rows * stride_init_dim
+    weight_rows = weight_ptr + rows * stride_weight_dim
+
+    # dpre at this program's own times: the s = 0 term of dx and all of dweight / dbias.
+    dpre = _grad_pre_activation(dout_rows, x_rows, init_rows, weight_rows, bias_ptr, offs_d, mask_d, offs_l, seqlen,
+                                stride_dout_time, stride_x_time, stride_init_k, stride_weight_k,
+                                HAS_BIAS, HAS_INITIAL_STATE, SILU, WIDTH)
+    tap = tl.load(weight_rows + (WIDTH - 1) * stride_weight_k, mask=mask_d, other=0.0).to(tl.float32)
+    dx = tap[:, None] * dpre
+    for s in tl.static_range(1, WIDTH):
+        tap = tl.load(weight_rows + (WIDTH - 1 - s) * stride_weight_k, mask=mask_d, other=0.0).to(tl.float32)
+        dx += tap[:, None] * _grad_pre_activation(
+            dout_rows, x_rows, init_rows, weight_rows, bias_ptr, offs_d, mask_d, offs_l + s, seqlen,
+            stride_dout_time, stride_x_time, stride_init_k, stride_weight_k, HAS_BIAS, HAS_INITIAL_STATE, SILU, WIDTH)
+    dx_ptrs = dx_ptr + pid_batch * stride_dx_batch + rows[:, None] * stride_dx_dim + offs_l[None, :]
+    tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask_d[:, None] & (offs_l < seqlen)[None, :])
+
+    # Per-program partial sums over this tile's times (dpre is zero past the sequence); torch adds the partials.
+    part = pid_batch * n_blocks_l + pid_l
+    for k in tl.static_range(WIDTH):
+        xk = _load_xpad(x_rows, init_rows, mask_d, offs_l + (k - (WIDTH - 1)), seqlen, stride_x_time, stride_init_k,
+                        HAS_INITIAL_STATE, WIDTH)
+        tl.store(dweight_part_ptr + (part * dim + rows) * WIDTH + k, tl.sum(dpre * xk, axis=1), mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_part_ptr + part * dim + rows, tl.sum(dpre, axis=1), mask=mask_d)
+
+    if HAS_INITIAL_STATE:
+        if pid_l == 0:
+            # d initial_state[..., j] is dx at time j - (WIDTH - 1): the same sum over the outputs it reaches.
+            offs_j = tl.arange(0, BLOCK_W)
+            offs_neg = offs_j - (WIDTH - 1)  # (BLOCK_W,) times -(WIDTH - 1).. ; valid where offs_j < WIDTH - 1
+            dinit = tl.zeros((BLOCK_D, BLOCK_W), dtype=tl.float32)
+            for s in tl.static_range(1, WIDTH):
+                tap = tl.load(weight_rows + (WIDTH - 1 - s) * stride_weight_k, mask=mask_d, other=0.0)
+                dinit += tap.to(tl.float32)[:, None] * _grad_pre_activation(
+                    dout_rows, x_rows, init_rows, weight_rows, bias_ptr, offs_d, mask_d, offs_neg + s, seqlen,
+                    stride_dout_time, stride_x_time, stride_init_k, stride_weight_k,
+                    HAS_BIAS, HAS_INITIAL_STATE, SILU, WIDTH)
+            dinit_ptrs = dinit_ptr + (pid_batch * dim + rows[:, None]) * (WIDTH - 1) + offs_j[None, :]
+            tl.store(dinit_ptrs, dinit, mask=mask_d[:, None] & (offs_j < WIDTH - 1)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+
+
+def _seq_blocks(backward: bool, width: int, interpreting: bool) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_L, num_warps) of the forward or backward kernel."""
+    if interpreting:
+        return BLOCK_D_SEQ_INTERPRET, BLOCK_L_SEQ_INTERPRET, 1
+    if backward and width >= BWD_WIDE_MIN_WIDTH:
+        return BWD_WIDE_BLOCK_D_CUDA, BWD_BLOCK_L_CUDA, BWD_WIDE_WARPS_CUDA
+    if backward:
+        return BWD_BLOCK_D_CUDA, BWD_BLOCK_L_CUDA, BWD_WARPS_CUDA
+    return FWD_BLOCK_D_CUDA, FWD_BLOCK_L_CUDA, FWD_WARPS_CUDA
+
+
+def _causal_conv1d_fwd_triton(x, weight, bias, initial_state, silu: bool) -> Tensor:
+    """Launch the forward kernel; returns out (batch, dim, seqlen) contiguous in x's dtype."""
+    interpreting = _interpreting()
+    check_triton_runtime("causal_conv1d", x.device, interpreting)
+    x_k, weight_k, bias_k, init_k = (for_kernel(t, interpreting) for t in (x, weight, bias, initial_state))
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
+    out = torch.empty(batch, dim, seqlen, device=x.device, dtype=x_k.dtype)  # (batch, dim, seqlen)
+    if out.numel() == 0:
+        return out.to(x.dtype)
+    # Absent optional inputs are never read (their HAS_* flag is False): x stands in for the pointer, strides 0.
+    init_arg = init_k if init_k is not None and width > 1 else x_k
+    init_strides = init_arg.stride() if init_arg is not x_k else (0, 0, 0)
+    block_d, block_l, num_warps = _seq_blocks(False, width, interpreting)
+    grid = (triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d), batch)
+    _causal_conv1d_fwd_kernel[grid](
+        x_k, weight_k, bias_k if bias_k is not None else x_k, init_arg,
+        out,
+        dim, seqlen,
+        x_k.stride(0), x_k.stride(1), x_k.stride(2),
+        weight_k.stride(0), weight_k.stride(1),
+        *init_strides,
+        out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, HAS_INITIAL_STATE=init_arg is not x_k, SILU=silu, WIDTH=width,
+        BLOCK_D=block_d, BLOCK_L=block_l,
+        num_warps=num_warps,
+    )
+    return out.to(x.dtype)
+
+
+def _causal_conv1d_bwd_triton(dout, x, weight, bias, initial_state, silu: bool):
+    """Launch the backward kernel; returns float32-accumulated (dx in x's kernel dtype, dweight (dim, width) float32,
+    dbias (dim,) float32 or None, dinit (batch, dim, width - 1) float32 or None)."""
+    interpreting = _interpreting()
+    check_triton_runtime("causal_conv1d", x.device, interpreting)
+    dout_k, x_k, weight_k, bias_k, init_k = (for_kernel(t, interpreting)
+                                             for t in (dout, x, weight, bias, initial_state))
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
+    has_init = initial_state is not None and width > 1
+    block_d, block_l, num_warps = _seq_blocks(True, width, interpreting)
+    n_blocks_l = triton.cdiv(seqlen, block_l)
+    dx = torch.empty(batch, dim, seqlen, device=x.device, dtype=x_k.dtype)  # (batch, dim, seqlen)
+    # Every element of these is written by the kernel (no memset): one partial row per (batch row, time block).
+    dweight_part = torch.empty(batch * n_blocks_l, dim, width, device=x.device, dtype=torch.float32)
+    dbias_part = torch.empty(batch * n_blocks_l, dim if bias is not None else 0, device=x.device,
+                             dtype=torch.float32)
+    dinit = None if initial_state is None else torch.empty(initial_state.shape, device=x.device, dtype=torch.float32)
+    if x.numel() > 0:
+        init_arg = init_k if has_init else x_k
+        init_strides = init_arg.stride() if has_init else (0, 0, 0)
+        grid = (n_blocks_l, triton.cdiv(dim, block_d), batch)
+        _causal_conv1d_bwd_kernel[grid](
+            dout_k, x_k, weight_k, bias_k if bias_k is not None else x_k, init_arg,
+            dx, dweight_part, dbias_part, dinit if has_init else dweight_part,
+            dim, seqlen, n_blocks_l,
+            dout_k.stride(0), dout_k.stride(1), dout_k.stride(2),
+            x_k.stride(0), x_k.stride(1), x_k.stride(2),
+            weight_k.stride(0), weight_k.stride(1),
+            *init_strides,
+            dx.stride(0), dx.stride(1),
+            HAS_BIAS=bias is not None, HAS_INITIAL_STATE=has_init, SILU=silu, WIDTH=width,
+            BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_W=triton.next_power_of_2(max(width - 1, 1)),
+            num_warps=num_warps,
+        )
+    dbias = dbias_part.sum(0) if bias is not None else None
+    return dx, dweight_part.sum(0), dbias, dinit
+
+
+# ---------------------------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("mamba_r1::causal_conv1d_fwd", mutates_args=())
+def causal_conv1d_fwd_op(
+    x: Tensor,  # (batch, dim, seqlen), any strides
+    weight: Tensor,  # (dim, width)
+    bias: Optional[Tensor],  # (dim,)
+    initial_state: Optional[Tensor],  # (batch, dim, width - 1)
+    silu: bool,
+) -> Tensor:  # (batch, dim, seqlen) contiguous, x's dtype
+    """The fused forward kernel; arguments already checked by ``causal_conv1d``."""
+    return _causal_conv1d_fwd_triton(x, weight, bias, initial_state, silu)
+
+
+@causal_conv1d_fwd_op.register_fake
+def _(x, weight, bias, initial_state, silu):
+    return x.new_empty(x.shape)  # contiguous, x's dtype
+
+
+@torch.library.custom_op("mamba_r1::causal_conv1d_bwd", mutates_args=())
+def causal_conv1d_bwd_op(
+    dout: Tensor,  # (batch, dim, seqlen), any strides
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    initial_state: Optional[Tensor],
+    silu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of (x, weight, bias, initial_state), each shaped and typed like its input (dx contiguous); an
+    absent optional input gets an empty placeholder (custom ops cannot return None)."""
+    dx, dweight, dbias, dinit = _causal_conv1d_bwd_triton(dout, x, weight, bias, initial_state, silu)
+
+    def like(grad: Optional[Tensor], t: Optional[Tensor]) -> Tensor:
+        return x.new_empty(0) if t is None else grad.to(t.dtype)
+
+    return dx.to(x.dtype), like(dweight, weight), like(dbias, bias), like(dinit, initial_state)
+
+
+@causal_conv1d_bwd_op.register_fake
+def _(dout, x, weight, bias, initial_state, silu):
+    def like(t):
+        return x.new_empty(0) if t is None else t.new_empty(t.shape)
+
+    return like(x), like(weight), like(bias), like(initial_state)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, initial_state, silu = inputs
+    ctx.save_for_backward(x, weight, bias, initial_state)
+    ctx.silu = silu
+
+
+def _backward(ctx, dout):
+    x, weight, bias, initial_state = ctx.saved_tensors
+    dx, dweight, dbias, dinit = causal_conv1d_bwd_op(dout, x, weight, bias, initial_state, ctx.silu)
+    return (dx, dweight, dbias if bias is not None else None, dinit if initial_state is not None else None, None)
+
+
+causal_conv1d_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------- public function
+
+
+def causal_conv1d(
+    x: torch.Tensor,  # (batch, dim, seqlen), any strides
+    weight: torch.Tensor,  # (dim, width) or nn.Conv1d's (dim, 1, width)
+    bias: torch.Tensor | None = None,  # (dim,)
+    silu: bool = False,
+    initial_state: torch.Tensor | None = None,  # (batch, dim, width - 1): the inputs before x[..., 0]
+    backend: str = "auto",
+) -> torch.Tensor:  # (batch, dim, seqlen) contiguous, in x's dtype
+    """Causal depthwise conv1d over the sequence, then SiLU if ``silu``: ``F.conv1d(x, weight, bias,
+    padding=width - 1, groups=dim)[..., :seqlen]``, with the left padding taken from ``initial_state`` when given.
+
+    Differentiable in x, weight, bias and initial_state on every backend. Inputs may have any float dtype and
+    strides; the triton backend reads x in place (no contiguous copy) and accumulates in float32, including the
+    weight and bias gradients (deterministic: per-program partial sums added by torch).
+
+    ``backend``: "torch" (``causal_conv1d_ref``), "triton" (fused forward and backward kernels; CUDA, or CPU under
+    TRITON_INTERPRET=1; width <= MAX_TRITON_WIDTH; opaque to torch.compile, which calls the custom ops) or "auto"
+    (triton on CUDA tensors, torch otherwise and for widths above MAX_TRITON_WIDTH).
+    """
+    _check_seq_args(x, weight, bias, silu, initial_state)
+    name = resolve_backend("causal_conv1d", backend, x.device)
+    width = weight.shape[-1]
+    if name == "triton" and width > MAX_TRITON_WIDTH:
+        if backend == "triton":
+            raise ValueError(f"causal_conv1d(backend='triton') supports width <= {MAX_TRITON_WIDTH}; got weight of "
+                             f"shape {tuple(weight.shape)}. Use backend='torch'.")
+        logger.debug("causal_conv1d: width {} > {}, taking the torch path", width, MAX_TRITON_WIDTH)
+        name = "torch"
+    if name == "torch":
+        return causal_conv1d_ref(x, weight, bias, silu, initial_state)
+    if weight.dim() == 3:
+        weight = weight[:, 0, :]  # nn.Conv1d's (dim, 1, width) -> (dim, width) view; its gradient flows back
+    return causal_conv1d_fwd_op(x, weight, bias, initial_state, silu)
+
+
+__all__ = ["causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref",
+           "MAX_TRITON_WIDTH"]

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from mamba_r1.modules.mamba import MambaBlock, MambaState
 from tests.conftest import GRAD_TOL, TOL, rel_err
 
-# The Triton backend is left to the scan's own tests: under the CPU interpreter it is too slow for a block test.
+# The hypothesis tests run the PyTorch paths; the fused Triton kernels get one small test at the end (under the CPU
+# interpreter they are too slow for more).
 BACKENDS = ["ref"] + (["torch"] if importlib.util.find_spec("mamba_r1.ops.selective_scan.chunked") else [])
 F32 = TOL[torch.float32]
 
@@ -448,3 +449,26 @@ def test_non_selective_torch_backend_matches_ref_forward_and_gradients():
 def test_selective_must_be_a_bool():
     with pytest.raises(ValueError, match="selective must be a bool"):
         MambaBlock(16, selective="no")
+
+
+def test_triton_backend_matches_torch_backend_forward_gradients_and_steps():
+    """The block on its fused kernels (scan, conv + SiLU, decode step; the interpreter without a GPU) against the
+    same weights on the PyTorch paths: forward, every gradient, a continued forward and decode steps."""
+    torch.manual_seed(0)
+    fused = make_block("triton", d_model=8, d_state=3)
+    plain = make_block("torch", d_model=8, d_state=3)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 11, 8, requires_grad=True)
+    outs, grads = [], []
+    for block in (fused, plain):
+        y, state = block(x, state=block.allocate_state(2))
+        params = [x] + list(block.parameters())
+        grads.append(torch.autograd.grad(y.square().sum(), params))
+        with torch.no_grad():
+            y_more, state = block(torch.ones(2, 3, 8), state=state)  # continues from the carried state
+            y_step, state = block.step(torch.ones(2, 8), state)
+        outs.append((y, y_more, y_step, state.ssm_state, state.conv_state))
+    for got, want in zip(outs[0], outs[1]):
+        assert rel_err(got, want) <= F32
+    for got, want in zip(*grads):
+        assert rel_err(got, want) <= GRAD_TOL[torch.float32]

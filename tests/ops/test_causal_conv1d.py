@@ -1,5 +1,13 @@
-"""causal_conv1d_update: T one-token steps reproduce a causal depthwise conv1d over T tokens; the state shifts in
-place; the fused Triton kernel (under the CPU interpreter without a GPU) matches the torch reference."""
+"""causal_conv1d (training): the fused Triton forward and backward match the float64 reference on every input
+layout, the custom ops pass opcheck and compile with fullgraph=True. causal_conv1d_update (decode): T one-token
+steps reproduce a causal depthwise conv1d over T tokens; the state shifts in place; the fused kernel matches the
+torch reference. Without a GPU the kernels run under Triton's CPU interpreter, with blocks of 2 channels x 4 time
+steps, so these small shapes cross block edges."""
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,10 +15,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import mamba_r1.ops.causal_conv1d as conv_module
-from mamba_r1.ops import causal_conv1d_update
-from mamba_r1.ops.causal_conv1d import causal_conv1d_update_ref
-from tests.conftest import TOL, rel_err
+from mamba_r1.ops import causal_conv1d, causal_conv1d_ref, causal_conv1d_update
+from mamba_r1.ops.causal_conv1d import MAX_TRITON_WIDTH, causal_conv1d_update_ref
+from tests.conftest import DEVICE, GRAD_TOL, TOL, rel_err
+
+# `import mamba_r1.ops.causal_conv1d as m` would bind the function that mamba_r1.ops re-exports under that name.
+conv_module = importlib.import_module("mamba_r1.ops.causal_conv1d")
 
 BACKENDS = ["torch", "triton"]
 
@@ -152,3 +162,232 @@ def test_bad_inputs_raise_naming_the_argument(name, bad, error, words):
     with pytest.raises(error) as info:
         causal_conv1d_update(**args)
     assert name in str(info.value) and words in str(info.value)
+
+
+# ================================================================================ causal_conv1d: whole sequence
+
+LAYOUTS = ("contiguous", "channel_slice", "permuted_batch", "time_major")
+
+
+def strided_x(batch, dim, seqlen, layout, dtype):
+    """(base, x): a leaf tensor ``base`` and x (batch, dim, seqlen) a view of it in the given memory layout."""
+    if layout == "contiguous":
+        base = torch.randn(batch, dim, seqlen, dtype=dtype)
+        return base, base
+    if layout == "channel_slice":  # the block's x_in: one chunk of in_proj's (batch, 2 * dim, seqlen) output
+        base = torch.randn(batch, 2 * dim + 1, seqlen, dtype=dtype)
+        return base, base[:, 1:dim + 1]
+    if layout == "permuted_batch":  # mamba-ssm's (dim, batch, seqlen) buffer: batch stride < dim stride
+        base = torch.randn(2 * dim, batch, seqlen, dtype=dtype)
+        return base, base.permute(1, 0, 2)[:, dim:]
+    base = torch.randn(batch, seqlen, dim, dtype=dtype)  # time_major: time stride dim, still no copy
+    return base, base.transpose(1, 2)
+
+
+def seq_inputs(batch, dim, seqlen, width, layout="contiguous", dtype=torch.float32, param_dtype=torch.float32,
+               with_bias=True, with_initial_state=True):
+    """Leaves requiring grad (x's base, weight, bias, initial_state) and x, a view of the base."""
+    base, x = strided_x(batch, dim, seqlen, layout, dtype)
+    leaves = dict(
+        base=base,
+        weight=torch.randn(dim, width, dtype=param_dtype) / width ** 0.5,
+        bias=torch.randn(dim, dtype=param_dtype) if with_bias else None,
+        initial_state=torch.randn(batch, dim, width - 1, dtype=dtype) if with_initial_state else None,
+    )
+    for t in leaves.values():
+        if t is not None:
+            t.requires_grad_(True)
+    return leaves, x
+
+
+def conv_and_grads(leaves, x_of_base, silu, backend, dout=None, float64=False):
+    """(out, dout, {name: gradient}) of causal_conv1d; float64=True runs the reference on float64 copies."""
+    leaves = {k: v for k, v in leaves.items() if v is not None}
+    if float64:
+        leaves = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
+    x = x_of_base(leaves["base"])
+    if float64:
+        out = causal_conv1d_ref(x, leaves["weight"], leaves.get("bias"), silu, leaves.get("initial_state"))
+    else:
+        out = causal_conv1d(x, leaves["weight"], leaves.get("bias"), silu, leaves.get("initial_state"),
+                            backend=backend)
+    if dout is None:
+        dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(leaves.values()), dout.to(out.dtype))
+    return out, dout, dict(zip(leaves, grads))
+
+
+def view_of(layout, dim):
+    """base -> x for the layouts of ``strided_x``."""
+    return {
+        "contiguous": lambda b: b,
+        "channel_slice": lambda b: b[:, 1:dim + 1],
+        "permuted_batch": lambda b: b.permute(1, 0, 2)[:, dim:],
+        "time_major": lambda b: b.transpose(1, 2),
+    }[layout]
+
+
+@pytest.mark.parametrize("dtype, param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+@settings(deadline=None, max_examples=15)
+@given(
+    batch=st.integers(1, 3),
+    dim=st.sampled_from([1, 3, 5]),
+    seqlen=st.sampled_from([1, 2, 3, 5, 8, 11]),
+    width=st.integers(1, 5),
+    layout=st.sampled_from(LAYOUTS),
+    with_bias=st.booleans(),
+    with_initial_state=st.booleans(),
+    silu=st.booleans(),
+)
+def test_triton_matches_float64_reference_forward_and_gradients(dtype, param_dtype, batch, dim, seqlen, width, layout,
+                                                                with_bias, with_initial_state, silu):
+    leaves, _ = seq_inputs(batch, dim, seqlen, width, layout, dtype, param_dtype, with_bias, with_initial_state)
+    x_of_base = view_of(layout, dim)
+    out, dout, grads = conv_and_grads(leaves, x_of_base, silu, "triton")
+    want, _, want_grads = conv_and_grads(leaves, x_of_base, silu, None, dout=dout, float64=True)
+    assert out.dtype == dtype and out.shape == (batch, dim, seqlen) and out.is_contiguous()
+    assert rel_err(out, want) <= TOL[dtype]
+    for name, grad in grads.items():
+        assert grad.dtype == leaves[name].dtype and grad.shape == leaves[name].shape, name
+        # The weight and bias gradients are float32 sums of exact products of the rounded inputs.
+        tol = GRAD_TOL[dtype] if name in ("base", "initial_state") else GRAD_TOL[param_dtype]
+        assert rel_err(grad, want_grads[name]) <= tol, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_parameters_get_gradients_in_their_dtype(backend):
+    leaves, _ = seq_inputs(2, 3, 9, 4, "channel_slice", torch.bfloat16, torch.bfloat16)
+    out, dout, grads = conv_and_grads(leaves, view_of("channel_slice", 3), True, backend)
+    want, _, want_grads = conv_and_grads(leaves, view_of("channel_slice", 3), True, None, dout=dout, float64=True)
+    assert rel_err(out, want) <= TOL[torch.bfloat16]
+    for name, grad in grads.items():
+        assert grad.dtype == torch.bfloat16 and rel_err(grad, want_grads[name]) <= GRAD_TOL[torch.bfloat16], name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("width", [1, 4])
+def test_matches_nn_conv1d_and_its_weight_layout(backend, width):
+    """The definition: F.conv1d with padding width - 1, cut to seqlen; weight may be nn.Conv1d's (dim, 1, width)."""
+    batch, dim, seqlen = 2, 5, 7
+    conv = torch.nn.Conv1d(dim, dim, kernel_size=width, groups=dim, padding=width - 1)
+    x = torch.randn(batch, dim, seqlen, requires_grad=True)
+    out = causal_conv1d(x, conv.weight, conv.bias, silu=True, backend=backend)
+    want = F.silu(conv(x)[..., :seqlen])
+    assert rel_err(out, want) <= TOL[torch.float32]
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, conv.weight, conv.bias], dout)
+    want_grads = torch.autograd.grad(want, [x, conv.weight, conv.bias], dout)
+    for grad, want_grad in zip(grads, want_grads):
+        assert grad.shape == want_grad.shape and rel_err(grad, want_grad) <= GRAD_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("width", [2, 4])
+def test_initial_state_continues_a_split_sequence(backend, width):
+    """Conv over x[:, :, :cut] then over the rest with initial_state = its last width - 1 inputs == conv over all."""
+    batch, dim, seqlen, cut = 2, 3, 10, 6
+    x, weight, bias = torch.randn(batch, dim, seqlen), torch.randn(dim, width), torch.randn(dim)
+    whole = causal_conv1d(x, weight, bias, silu=True, backend=backend)
+    head = causal_conv1d(x[..., :cut], weight, bias, silu=True, backend=backend)
+    tail = causal_conv1d(x[..., cut:], weight, bias, silu=True, initial_state=x[..., cut - (width - 1):cut],
+                         backend=backend)
+    assert rel_err(torch.cat([head, tail], dim=-1), whole) <= TOL[torch.float32]
+
+
+def test_custom_ops_pass_opcheck():
+    leaves, x = seq_inputs(2, 3, 9, 4, "channel_slice")
+    torch.library.opcheck(conv_module.causal_conv1d_fwd_op,
+                          (x, leaves["weight"], leaves["bias"], leaves["initial_state"], True))
+    torch.library.opcheck(conv_module.causal_conv1d_fwd_op, (x, leaves["weight"], None, None, False))
+    # The backward op is not itself differentiable (no double backward): check it on plain tensors.
+    plain = [t.detach() for t in (x, leaves["weight"], leaves["bias"], leaves["initial_state"])]
+    dout = torch.randn(2, 3, 9).transpose(1, 2).contiguous().transpose(1, 2)  # a non-contiguous cotangent
+    torch.library.opcheck(conv_module.causal_conv1d_bwd_op, (dout, *plain, True))
+
+
+def test_compiles_with_fullgraph():
+    leaves, _ = seq_inputs(2, 3, 10, 4, "channel_slice", dtype=torch.bfloat16)
+    conv = torch.nn.Conv1d(3, 3, kernel_size=4, groups=3)
+    inputs = [leaves["base"], conv.weight, conv.bias, leaves["initial_state"]]
+
+    def block_conv(base, weight, bias, initial_state):
+        x_in = base[:, 1:4]  # (batch, dim, seqlen) view, as MambaBlock's chunk of in_proj's output
+        return causal_conv1d(x_in, weight, bias, silu=True, initial_state=initial_state, backend="triton").sum()
+
+    compiled = torch.compile(block_conv, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*inputs), inputs)
+    want = torch.autograd.grad(block_conv(*inputs), inputs)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU dispatch")
+def test_auto_backend_on_cpu_runs_the_reference(monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the Triton kernel ran")
+
+    monkeypatch.setattr(conv_module, "_causal_conv1d_fwd_triton", no_kernel)
+    x, weight = torch.randn(1, 2, 5), torch.randn(2, 4)
+    assert torch.equal(causal_conv1d(x, weight), causal_conv1d_ref(x, weight))
+    with pytest.raises(AssertionError, match="Triton kernel ran"):
+        causal_conv1d(x, weight, backend="triton")
+
+
+def test_triton_sequence_conv_on_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(conv_module, "_interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="causal_conv1d.*TRITON_INTERPRET=1"):
+        causal_conv1d(torch.randn(1, 2, 5), torch.randn(2, 4), backend="triton")
+
+
+def _valid_seq_args():
+    return dict(x=torch.randn(2, 6, 5), weight=torch.randn(6, 4), bias=torch.zeros(6),
+                initial_state=torch.zeros(2, 6, 3))
+
+
+@pytest.mark.parametrize("name, bad, error, words", [
+    ("x", torch.randn(2, 6), ValueError, "(batch, dim, seqlen)"),
+    ("x", torch.randn(2, 6, 0), ValueError, "seqlen >= 1"),
+    ("x", torch.ones(2, 6, 5, dtype=torch.int64), TypeError, "int64"),
+    ("weight", torch.randn(5, 4), ValueError, "(dim, width)"),
+    ("weight", torch.randn(6, 2, 4), ValueError, "(dim, 1, width)"),
+    ("weight", torch.randn(6, 0), ValueError, "width >= 1"),
+    ("weight", [[1.0]], TypeError, "torch.Tensor"),
+    ("bias", torch.zeros(6, 1), ValueError, "(dim,)"),
+    ("bias", torch.zeros(6, dtype=torch.int32), TypeError, "int32"),
+    ("initial_state", torch.zeros(2, 6, 4), ValueError, "(batch, dim, width - 1)"),
+    ("initial_state", torch.zeros(1, 6, 3), ValueError, "(2, 6, 3)"),
+    ("silu", "yes", TypeError, "bool"),
+    ("backend", "cudnn", ValueError, "backend must be one of"),
+    ("initial_state", torch.zeros(2, 6, 3, device="meta"), ValueError, "device"),
+])
+def test_sequence_conv_bad_inputs_raise_naming_the_argument(name, bad, error, words):
+    args = _valid_seq_args()
+    args[name] = bad
+    with pytest.raises(error) as info:
+        causal_conv1d(**args)
+    assert name in str(info.value) and words in str(info.value)
+
+
+def test_triton_refuses_widths_it_does_not_unroll():
+    x, weight = torch.randn(1, 2, 5), torch.randn(2, MAX_TRITON_WIDTH + 1)
+    with pytest.raises(ValueError, match=f"width <= {MAX_TRITON_WIDTH}.*backend='torch'"):
+        causal_conv1d(x, weight, backend="triton")
+    assert causal_conv1d(x, weight, backend="auto").shape == x.shape
+
+
+def test_without_triton_the_torch_path_works_and_triton_says_what_to_do():
+    script = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch\n"
+        "from mamba_r1.ops import causal_conv1d\n"
+        "x, weight = torch.randn(1, 2, 3), torch.randn(2, 4)\n"
+        "assert causal_conv1d(x, weight).shape == x.shape\n"
+        "try:\n"
+        "    causal_conv1d(x, weight, backend='triton')\n"
+        "except ImportError as err:\n"
+        "    assert \"backend='torch'\" in str(err), err\n"
+        "    print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
