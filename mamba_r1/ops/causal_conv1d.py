@@ -268,14 +268,19 @@ def causal_conv1d_ref(
 
 # ---------------------------------------------------------------------------------------------- Triton kernels
 
-# (channels, time steps) per program and warps: not yet tuned on a GPU. Time is the contiguous axis, so BLOCK_L carries
-# the coalescing. What is known comes from compiling for sm_90 without running (bf16 x, time stride 1, silu, bias,
-# initial state): registers per thread at width 4 are fwd 56, bwd 111 for this row (fwd 104 / bwd 188 at BLOCK_D 16),
-# no spills. The backward unrolls width x width loads that the compiler hoists, so at width 8 the same row spills
-# (255 registers + 1.6 KB stack) and wide kernels get half the tile per thread (188 registers, no spill).
-FWD_BLOCK_D_CUDA, FWD_BLOCK_L_CUDA, FWD_WARPS_CUDA = 8, 128, 4
-BWD_BLOCK_D_CUDA, BWD_BLOCK_L_CUDA, BWD_WARPS_CUDA = 8, 128, 4
-BWD_WIDE_MIN_WIDTH, BWD_WIDE_BLOCK_D_CUDA, BWD_WIDE_WARPS_CUDA = 6, 4, 8
+# (channels, time steps) per program and warps. Time is the contiguous axis, so BLOCK_L carries the coalescing.
+# Measured with `benchmarks/bench_conv.py --sweep` on an H200 (2026-11-30; 8 x 2048 x 2048, width 4, bf16 x a channel
+# slice of a wider tensor), same row for both kernels, fwd / fwd+bwd ms: (8, 128, 4) 0.122 / 0.919, (4, 256, 4)
+# 0.062 / 0.844, (16, 128, 4) 0.061 / 1.046, (4, 512, 4) 0.127 / 0.740, (8, 256, 8) 0.097 / 0.689, (2, 512, 4)
+# 0.105 / 0.685, (2, 1024, 8) 0.069 / 0.988, (1, 1024, 4) 0.058 / 0.881; cuDNN's F.conv1d + F.silu 0.516 / 1.370.
+# Hence forward (4, 256, 4), backward (2, 512, 4) (about 0.58 ms of the 0.685). Compiled for sm_90 without running,
+# at width 4 the backward holds 111 registers per thread at (8, 128): no spills. The backward unrolls width x width
+# loads that the compiler hoists, so at width 8 it spills at that tile and wide kernels get half the tile per thread
+# (188 registers, no spill).
+FWD_BLOCK_D_CUDA, FWD_BLOCK_L_CUDA, FWD_WARPS_CUDA = 4, 256, 4
+BWD_BLOCK_D_CUDA, BWD_BLOCK_L_CUDA, BWD_WARPS_CUDA = 2, 512, 4
+# Widths >= 6 (not Mamba's 4; untimed): the tile compiled without spills.
+BWD_WIDE_MIN_WIDTH, BWD_WIDE_BLOCK_D_CUDA, BWD_WIDE_BLOCK_L_CUDA, BWD_WIDE_WARPS_CUDA = 6, 4, 128, 8
 # Under the interpreter: tiny blocks, so the small test shapes cross channel and time block edges.
 BLOCK_D_SEQ_INTERPRET, BLOCK_L_SEQ_INTERPRET = 2, 4
 
@@ -457,7 +462,7 @@ def _seq_blocks(backward: bool, width: int, interpreting: bool) -> tuple[int, in
     if interpreting:
         return BLOCK_D_SEQ_INTERPRET, BLOCK_L_SEQ_INTERPRET, 1
     if backward and width >= BWD_WIDE_MIN_WIDTH:
-        return BWD_WIDE_BLOCK_D_CUDA, BWD_BLOCK_L_CUDA, BWD_WIDE_WARPS_CUDA
+        return BWD_WIDE_BLOCK_D_CUDA, BWD_WIDE_BLOCK_L_CUDA, BWD_WIDE_WARPS_CUDA
     if backward:
         return BWD_BLOCK_D_CUDA, BWD_BLOCK_L_CUDA, BWD_WARPS_CUDA
     return FWD_BLOCK_D_CUDA, FWD_BLOCK_L_CUDA, FWD_WARPS_CUDA

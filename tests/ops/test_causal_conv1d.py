@@ -25,6 +25,14 @@ conv_module = importlib.import_module("mamba_r1.ops.causal_conv1d")
 BACKENDS = ["torch", "triton"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _tensors_on_test_device():
+    """Every tensor these tests create lands on the test device: the GPU when there is one, where backend="triton"
+    runs the compiled kernels, else the CPU (and the interpreter)."""
+    with torch.device(DEVICE):
+        yield
+
+
 def make_inputs(batch, dim, width, dtype=torch.float32, param_dtype=torch.float32, with_bias=True):
     """x (batch, dim), conv_state (batch, dim, width - 1) in the activation dtype; weight, bias in param_dtype."""
     return dict(
@@ -132,6 +140,7 @@ def test_triton_backend_takes_the_torch_path_when_grad_is_needed(monkeypatch):
     causal_conv1d_update(**args, backend="auto")  # CPU tensors: auto is torch
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU path without the interpreter")
 def test_triton_on_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
     monkeypatch.setattr(conv_module, "_interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
@@ -333,6 +342,7 @@ def test_auto_backend_on_cpu_runs_the_reference(monkeypatch):
         causal_conv1d(x, weight, backend="triton")
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU path without the interpreter")
 def test_triton_sequence_conv_on_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
     monkeypatch.setattr(conv_module, "_interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="causal_conv1d.*TRITON_INTERPRET=1"):
