@@ -27,13 +27,15 @@ from mamba_r1.ops.selective_scan.ref import selective_scan_ref_float64  # noqa: 
 
 SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
 # (chunk_l, block_d, num_warps, n_stages, unroll_n); the chunk carry goes through memory and dB/dC are atomic.
-# A first sweep on an H200 (2026-11-30: chunk 16-2048 x 1-128 channels x 1-8 warps, carry in registers or memory,
-# per-program dB/dC partials) and a second (one channel per program, atomics) found chunk 512 x one channel x one
-# warp best (benchmarks/RESULTS.md has both); this third list tries pipelining and unrolling the loop over states.
-FWD = [(512, 1, 1, 1, 1), (512, 1, 1, 2, 1), (512, 1, 1, 3, 1), (512, 1, 1, 1, 2), (512, 1, 1, 1, 4),
-       (512, 1, 1, 2, 2), (256, 1, 1, 2, 2), (1024, 1, 1, 1, 1), (1024, 1, 1, 2, 1), (1024, 1, 2, 2, 2)]
-BWD = [(512, 1, 1, 1, 1), (512, 1, 1, 2, 1), (512, 1, 1, 3, 1), (512, 1, 1, 1, 2), (512, 1, 1, 1, 4),
-       (512, 1, 1, 2, 2), (256, 1, 1, 2, 2), (1024, 1, 1, 1, 1), (1024, 1, 1, 2, 1)]
+# Sweeps on an H200 (2026-11-30, benchmarks/RESULTS.md): the first (chunk 16-2048 x 1-128 channels x 1-8 warps, carry
+# in registers or memory, per-program dB/dC partials) and the second (one channel per program, atomics) found chunk
+# 512 x one channel x one warp best; the third found pipelining the state loop (stages 2) worth 3-6% on two shapes and
+# -3% on the third, unrolling it 20-60% slower (forward only: the backward was not reached). Next: several channels in
+# one warp. With one warp the channels of a tile sit in each thread's registers, so the backward's sum of dB/dC over
+# them is in-thread, and the atomics drop by block_d (2 or 4 x fewer); B and C are read once per block, not per channel.
+FWD = [(512, 1, 1, 1, 1), (512, 2, 1, 1, 1), (256, 4, 1, 1, 1), (1024, 2, 1, 1, 1), (512, 1, 1, 2, 1)]
+BWD = [(512, 1, 1, 1, 1), (512, 2, 1, 1, 1), (256, 4, 1, 1, 1), (1024, 2, 1, 1, 1), (512, 1, 1, 2, 1),
+       (512, 1, 1, 3, 1)]
 
 
 def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1):
