@@ -30,9 +30,10 @@ SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
 # Sweeps on an H200 (2026-11-30, benchmarks/RESULTS.md): the first (chunk 16-2048 x 1-128 channels x 1-8 warps, carry
 # in registers or memory, per-program dB/dC partials) and the second (one channel per program, atomics) found chunk
 # 512 x one channel x one warp best; the third found pipelining the state loop (stages 2) worth 3-6% on two shapes and
-# -3% on the third, unrolling it 20-60% slower (forward only: the backward was not reached). Next: several channels in
-# one warp. With one warp the channels of a tile sit in each thread's registers, so the backward's sum of dB/dC over
-# them is in-thread, and the atomics drop by block_d (2 or 4 x fewer); B and C are read once per block, not per channel.
+# -3% on the third, unrolling it 20-60% slower (forward only: the backward was not reached). Next, untried: several
+# channels in one warp. With one warp the channels of a tile should sit in each thread's registers (Triton spreads
+# threads along time first), making the sum of dB/dC over them in-thread and the atomics block_d times fewer; B and C
+# are read once per block instead of once per channel. The layout is a guess until a run shows it.
 FWD = [(512, 1, 1, 1, 1), (512, 2, 1, 1, 1), (256, 4, 1, 1, 1), (1024, 2, 1, 1, 1), (512, 1, 1, 2, 1)]
 BWD = [(512, 1, 1, 1, 1), (512, 2, 1, 1, 1), (256, 4, 1, 1, 1), (1024, 2, 1, 1, 1), (512, 1, 1, 2, 1),
        (512, 1, 1, 3, 1)]
