@@ -98,7 +98,9 @@ def selective_scan(
     """Mamba's selective scan (same layout and meaning as mamba-ssm's ``selective_scan_fn``, plus an initial state).
 
     Returns ``out`` (batch, dim, seqlen) in u's dtype, or ``(out, last_state)`` with last_state (batch, dim, d_state)
-    in float32 when ``return_last_state=True``. Differentiable in every tensor input on every backend.
+    in float32 when ``return_last_state=True``. Differentiable in every tensor input on every backend. On CUDA the
+    Triton backward adds the gradients of B and C over channels with float32 atomics (as mamba-ssm's kernel does), so
+    those two may differ in their last bits from run to run; every other output and gradient is reproducible.
     """
     check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, initial_state=initial_state,

@@ -4,13 +4,16 @@ Same program layout as the forward (triton_fwd.py): one program per (batch, grou
 the chunks of CHUNK_L time steps, here from last to first. Per chunk and state n it
   1. recomputes the chunk's forward states h_t from the checkpointed chunk-start state (a forward scan),
   2. runs the adjoint recurrence g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1} as a reverse scan, carrying g across chunks
-     in a (BLOCK_D, BLOCK_N) float32 register tile,
+     in a (BLOCK_D, BLOCK_N) float32 register tile, or (``carry_in_memory``, the GPU table's choice) in a
+     (batch, dim, d_state) float32 buffer that the thread holding a chunk's first column writes,
   3. turns (g, h) into gradients. With x_t = dt_t B_t u_t the input of step t, dL/dx_t = g_t, and the decayed previous
      state is exp(dt_t A) h_{t-1} = h_t - x_t, so no shifted copy of h is ever needed:
         ddt_t += sum_n g_t (A (h_t - x_t) + B_t u_t)      dA += sum_t g_t (h_t - x_t) dt_t
         du_t  += sum_n g_t B_t dt_t                         dB_t = sum_d g_t dt_t u_t     dC_t = sum_d dy_t h_t
-Sums over channels (dB, dC) and over batch and time (dA, dD, ddelta_bias) go to per-program float32 partial buffers
-that the caller reduces with torch: deterministic, no atomics.
+Sums over batch and time (dA, dD, ddelta_bias) go to per-program float32 partial buffers that the caller reduces
+with torch. Sums over channels (dB, dC) go to per-program partials too (deterministic), or, with ``atomic_bc`` (the
+GPU table's choice: with one channel per program the partials would be dim copies of B), are added atomically into
+one float32 buffer, so dB and dC may differ in the last bits from run to run.
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ Layout of the work (see ref.py for the math):
   * the program walks the sequence in chunks of CHUNK_L time steps; per chunk it loads the (BLOCK_D, CHUNK_L) tiles of
     u / delta / z once, then loops over the d_state states, each a parallel scan over time
     (``tl.associative_scan`` on (decay, input) pairs) of a (BLOCK_D, CHUNK_L) tile;
-  * the running state (BLOCK_D, BLOCK_N) stays in float32 registers between chunks; only the state at each chunk
-    start goes to global memory, as the backward's checkpoint, so (batch, dim, seqlen, d_state) never exists.
+  * the running state (BLOCK_D, BLOCK_N) stays in float32 registers between chunks, or (``carry_in_memory``, the GPU
+    table's choice) passes through the checkpoint buffer, written by the thread that holds each chunk's last column;
+    either way only the state at each chunk start goes to global memory, as the backward's checkpoint, so
+    (batch, dim, seqlen, d_state) never exists.
 Softplus, the D skip connection and the silu(z) gate are fused.
 """
 
