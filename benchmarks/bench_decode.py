@@ -40,6 +40,22 @@ def sync(device):
 
 
 @torch.no_grad()
+def check_steps(model, device, cuda_graph=False, prompt=48, steps=16) -> float:
+    """Relative error of decoded logits against one full forward over the same tokens: prefill ``prompt`` tokens,
+    then ``steps`` single-token steps (eager, or replayed from a CUDA graph)."""
+    from mamba_r1.generation import _GraphedStep
+
+    generator = torch.Generator(device=device).manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (2, prompt + steps), device=device, generator=generator)
+    full = model(tokens)[:, prompt:].float()  # (2, steps, vocab)
+    cache = model.allocate_cache(2, max_seqlen=prompt + steps + 8)
+    model(tokens[:, :prompt], cache=cache)
+    step = _GraphedStep(model, cache) if cuda_graph else model.step
+    got = torch.stack([step(tokens[:, prompt + t], cache).float().clone() for t in range(steps)], dim=1)
+    return ((got - full).norm() / full.norm()).item()
+
+
+@torch.no_grad()
 def per_token_ms(model, position, device, steps=32, cuda_graph=False):
     """Prefill `position` tokens into a cache, then time `steps` decode steps alone; returns ms per token."""
     from mamba_r1.generation import _GraphedStep
@@ -89,6 +105,13 @@ def main():
     torch.manual_seed(0)
     models = {k: build(k, dim, a.device, dtype).eval() for k in ("mamba", "mamba-moe", "attention")}
     variants = [(k, False) for k in models] + ([("mamba", True), ("mamba-moe", True)] if cuda else [])
+
+    tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-4
+    for kind, graph in variants:
+        err = check_steps(models[kind], a.device, graph)
+        print(f"{kind + (' +cuda graph' if graph else ''):26s} decode vs full forward: relative error {err:.1e}")
+        if not err <= tolerance:
+            sys.exit(f"decode does not match the full forward ({err:.1e} > {tolerance:.0e}): not timing it")
 
     rows, series = [], {}
     for kind, graph in variants:

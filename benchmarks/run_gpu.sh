@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: correctness on CUDA first, then every benchmark. Logs and JSON go to $OUT (the device tool's
 # output folder) when set. Usage (repo root, wheels for einops/loguru/hypothesis carried in .whl/):
-#   bash benchmarks/run_gpu.sh [scan|block|moe|memory|decode|profile|tests ...]   (default: all)
+#   bash benchmarks/run_gpu.sh [tests|scan|block|conv|moe|memory|decode|profile|tune ...]
+# (default: all but conv and tune)
 set -uo pipefail
 # Logs land in a scratch folder, then one tarball in $OUT (the device tool returns at most 8 files).
 FINAL=${OUT:-/tmp/mamba_r1_gpu}
@@ -30,6 +31,8 @@ for w in $what; do
     memory) python3 benchmarks/bench_memory.py --device cuda 2>&1 | tee "$OUT/memory.log" ;;
     decode) python3 benchmarks/bench_decode.py --device cuda 2>&1 | tee "$OUT/decode.log" ;;
     profile) python3 benchmarks/profile_gpu.py block 2>&1 | tee "$OUT/profile_block.log" ;;
+    conv)   python3 benchmarks/bench_conv.py 2>&1 | tee "$OUT/conv.log" ;;
+    tune)   python3 benchmarks/tune_scan.py --budget-s 240 --out "$OUT/tune_scan.json" 2>&1 | tee "$OUT/tune.log" ;;
   esac
 done
 cp benchmarks/results/*.json benchmarks/results/*.png "$OUT"/ 2>/dev/null || true
