@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device call: correctness on CUDA first, then every benchmark. Logs and JSON go to $OUT (the device tool's
-# output folder) when set. Usage (repo root, wheels for einops/loguru/hypothesis carried in .whl/):
+# One device call: correctness on CUDA first, then every benchmark; logs, JSON and plots end up in one tarball,
+# $OUT/gpu_results.tgz ($OUT: the device tool's output folder). Usage (repo root; the lent image had no loguru in
+# 2026-11, so carry its wheel in .whl/, see the device tool's README):
 #   bash benchmarks/run_gpu.sh [tests|scan|block|conv|moe|memory|decode|profile|tune ...]
 # (default: all but conv and tune)
 set -uo pipefail
