@@ -43,8 +43,11 @@ def channel_major_linear(
     with time stride 1, or with ``time_major_out`` (batch, seqlen, out_features) contiguous, for the residual stream.
     No transposed copy is made on the way in or out: cuBLAS reads transposed operands."""
     if torch.is_autocast_enabled(x.device.type):
-        # Cast before broadcasting: autocast would otherwise materialise a converted copy per batch row.
-        weight = weight.to(torch.get_autocast_dtype(x.device.type))
+        # Cast before broadcasting: autocast would otherwise materialise a converted copy per batch row. The bias too,
+        # as F.linear under autocast does (a float32 bias would promote the output back to float32).
+        dtype = torch.get_autocast_dtype(x.device.type)
+        weight = weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     batch = x.shape[0]
     if time_major_out:
         out = torch.bmm(x.transpose(1, 2), weight.t().expand(batch, -1, -1))  # (batch, seqlen, out_features)

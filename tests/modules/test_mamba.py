@@ -472,3 +472,17 @@ def test_triton_backend_matches_torch_backend_forward_gradients_and_steps():
         assert rel_err(got, want) <= F32
     for got, want in zip(*grads):
         assert rel_err(got, want) <= GRAD_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_bf16_matches_float32_and_trains_float32_weights(backend):
+    """Under autocast the projections run in bf16 on float32 weights (cast once, not per batch row)."""
+    block = make_block(backend, bias=True)
+    x = torch.randn(3, 9, block.d_model)
+    want = block(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = block(x)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, want) <= TOL[torch.bfloat16]
+    got.float().sum().backward()
+    assert block.in_proj.weight.grad.dtype == torch.float32 and block.in_proj.weight.grad.abs().sum() > 0
