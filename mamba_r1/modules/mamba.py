@@ -353,11 +353,12 @@ class MambaBlock(nn.Module):
         """A = -exp(A_log), kept between decode steps while A_log is unchanged (two kernels per layer per token saved).
 
         The key is A_log's in-place version counter and storage, so an optimizer step, ``load_state_dict`` or ``.to()``
-        all invalidate it. When autograd would track A_log the value is recomputed, so gradients still reach it.
+        all invalidate it. When autograd would track A_log, or under torch.compile, the value is recomputed.
         A CUDA-graphed decode loop (generation._GraphedStep) runs eager warm-up steps first, so the cached tensor
         exists before capture and the graph reads it in place.
         """
-        if torch.is_grad_enabled() and self.A_log.requires_grad:
+        if (torch.is_grad_enabled() and self.A_log.requires_grad) or torch.compiler.is_compiling():
+            # Under torch.compile the two ops fuse into the graph anyway, and the cache's Python state would break it.
             return -torch.exp(self.A_log.float())
         key = (self.A_log._version, self.A_log.data_ptr(), self.A_log.device, self.A_log.dtype)
         if getattr(self, "_A_step_key", None) != key:

@@ -486,3 +486,17 @@ def test_autocast_bf16_matches_float32_and_trains_float32_weights(backend):
     assert rel_err(got, want) <= TOL[torch.bfloat16]
     got.float().sum().backward()
     assert block.in_proj.weight.grad.dtype == torch.float32 and block.in_proj.weight.grad.abs().sum() > 0
+
+
+def test_step_compiles_with_fullgraph():
+    """A decode step (PyTorch path) compiles as one graph; the cached A of eager decoding stays out of its way."""
+    block = make_block("torch")
+    x = torch.randn(2, block.d_model)
+    compiled = torch.compile(block.step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        eager_state, compiled_state = block.allocate_state(2), block.allocate_state(2)
+        for _ in range(3):
+            want, _ = block.step(x, eager_state)
+            got, _ = compiled(x, compiled_state)
+    assert torch.equal(got, want)
+    assert torch.equal(compiled_state.ssm_state, eager_state.ssm_state)
