@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import repeat
 from torch import nn
 
-from mamba_r1.ops.causal_conv1d import causal_conv1d, causal_conv1d_update
+from mamba_r1.ops.causal_conv1d import MAX_TRITON_WIDTH, causal_conv1d, causal_conv1d_update
 from mamba_r1.ops.selective_scan import BACKENDS, selective_scan
 from mamba_r1.ops.state_update import selective_state_update
 
@@ -288,8 +288,11 @@ class MambaBlock(nn.Module):
         width = self.d_conv - 1
         weight, bias = self.conv1d.weight, self.conv1d.bias  # (d_inner, 1, d_conv), (d_inner,)
         if mask is None:
+            backend = STEP_BACKENDS[self.scan_backend]
+            if backend == "triton" and self.d_conv > MAX_TRITON_WIDTH:
+                backend = "torch"  # the fused kernel unrolls its taps up to MAX_TRITON_WIDTH
             u = causal_conv1d(x_in, weight, bias, silu=True, initial_state=context if width else None,
-                              backend=STEP_BACKENDS[self.scan_backend])
+                              backend=backend)
             if context is None:
                 return u, None
             # The new state is the last `width` inputs, reaching back into the context when seqlen < width; a copy,

@@ -451,12 +451,13 @@ def test_selective_must_be_a_bool():
         MambaBlock(16, selective="no")
 
 
-def test_triton_backend_matches_torch_backend_forward_gradients_and_steps():
+@pytest.mark.parametrize("d_conv", [4, 10])  # 10: wider than the fused conv unrolls, so the block falls back
+def test_triton_backend_matches_torch_backend_forward_gradients_and_steps(d_conv):
     """The block on its fused kernels (scan, conv + SiLU, decode step; the interpreter without a GPU) against the
     same weights on the PyTorch paths: forward, every gradient, a continued forward and decode steps."""
     torch.manual_seed(0)
-    fused = make_block("triton", d_model=8, d_state=3)
-    plain = make_block("torch", d_model=8, d_state=3)
+    fused = make_block("triton", d_model=8, d_state=3, d_conv=d_conv)
+    plain = make_block("torch", d_model=8, d_state=3, d_conv=d_conv)
     plain.load_state_dict(fused.state_dict())
     x = torch.randn(2, 11, 8, requires_grad=True)
     outs, grads = [], []
