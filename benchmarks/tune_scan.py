@@ -35,17 +35,21 @@ SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
 # threads along time first), making the sum of dB/dC over them in-thread and the atomics block_d times fewer; B and C
 # are read once per block instead of once per channel. The layout is a guess until a run shows it.
 FWD = [(512, 1, 1, 1, 1), (512, 2, 1, 1, 1), (256, 4, 1, 1, 1), (1024, 2, 1, 1, 1), (512, 1, 1, 2, 1)]
+# The step-by-step forward kernel (fwd_kernel="sequential", written 2026-11-30, never run on a GPU): (block_d, warps,
+# n_stages of its time loop); chunk 512 only sets the checkpoint spacing. Batch 1 x 65536 gives it only 2048 / block_d
+# programs: expect it to lose there.
+FWD_SEQUENTIAL = [(32, 1, 1), (32, 1, 2), (32, 1, 3), (16, 1, 2), (64, 2, 2), (128, 4, 2), (8, 1, 2)]
 BWD = [(512, 1, 1, 1, 1), (512, 2, 1, 1, 1), (256, 4, 1, 1, 1), (1024, 2, 1, 1, 1), (512, 1, 1, 2, 1),
        (512, 1, 1, 3, 1)]
 
 
-def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1):
+def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, fwd_kernel="scan"):
     """Set the configuration; the kernel not being swept gets one channel per program and one warp."""
     fwd = fwd or (1, 1)
     bwd = bwd or (1, 1)
     triton_fwd.BLOCK_SIZE_OVERRIDE = triton_fwd.BlockSizes(chunk_l, fwd[0], fwd[1], bwd[0], bwd[1],
                                                            carry_in_memory=True, atomic_bc=True, n_stages=stages,
-                                                           unroll_n=unroll)
+                                                           unroll_n=unroll, fwd_kernel=fwd_kernel)
 
 
 class Checker:
@@ -108,14 +112,16 @@ def main():
     shapes = [tuple(int(v) for v in s.split(",")) for s in a.shapes.split(";")] if a.shapes else SHAPES
     checker, rows, start = Checker("cuda"), [], time.perf_counter()
     print(f"tune_scan on {device_name('cuda')}, torch {torch.__version__}", flush=True)
-    plan = ([("fwd", c) for c in FWD] if "fwd" in a.which else []) + ([("bwd", c) for c in BWD] if "bwd" in a.which
-                                                                       else [])
+    plan = [("fwd", c) for c in FWD] if "fwd" in a.which else []
+    plan += [("fwd-sequential", (512, bd, w, st, 1)) for bd, w, st in FWD_SEQUENTIAL] if "fwd" in a.which else []
+    plan += [("bwd", c) for c in BWD] if "bwd" in a.which else []
     for kind, (chunk_l, block_d, warps, stages, unroll) in plan:
         if time.perf_counter() - start > a.budget_s:
             print(f"budget spent: skipped the rest from {kind} {chunk_l, block_d, warps, stages, unroll}")
             break
-        if kind == "fwd":
-            use(chunk_l, fwd=(block_d, warps), stages=stages, unroll=unroll)
+        if kind.startswith("fwd"):
+            use(chunk_l, fwd=(block_d, warps), stages=stages, unroll=unroll,
+                fwd_kernel="sequential" if kind == "fwd-sequential" else "scan")
         else:
             use(chunk_l, bwd=(block_d, warps), stages=stages, unroll=unroll)
         row = dict(kind=kind, chunk_l=chunk_l, block_d=block_d, warps=warps, n_stages=stages, unroll_n=unroll)
@@ -126,7 +132,7 @@ def main():
                 row["error"] = "wrong result"
             else:
                 for shape in shapes:
-                    row[str(shape)] = (time_fwd if kind == "fwd" else time_bwd)(shape)
+                    row[str(shape)] = (time_fwd if kind.startswith("fwd") else time_bwd)(shape)
         except Exception as err:  # out of resources (shared memory, registers) for big tiles
             row["error"] = f"{type(err).__name__}: {str(err)[:120]}"
         rows.append(row)
@@ -139,7 +145,7 @@ def main():
     triton_fwd.BLOCK_SIZE_OVERRIDE = None
     print("\nbest per shape (ms; mamba-ssm H100 fwd / fwd+bwd from TARGETS.md):")
     for shape in shapes:
-        for kind in ("fwd", "bwd"):
+        for kind in ("fwd", "fwd-sequential", "bwd"):
             timed = [r for r in rows if r["kind"] == kind and str(shape) in r]
             if timed:
                 best = min(timed, key=lambda r: r[str(shape)])

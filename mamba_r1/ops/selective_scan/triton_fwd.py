@@ -39,6 +39,10 @@ class BlockSizes:
     # The loop over states: software-pipelining stages for its loads (1 = none) and unroll factor (1 = none).
     n_stages: int = 1
     unroll_n: int = 1
+    # Forward kernel: "scan" (parallel scans over each chunk, state by state) or "sequential" (each (channel, state)
+    # pair walks time step by step with the state in registers; no scan, no cross-thread work per step; n_stages
+    # pipelines its time loop). Not yet measured on a GPU: benchmarks/tune_scan.py compares them.
+    fwd_kernel: str = "scan"
 
 
 # GPU tuning edits this table only. "cuda": from two sweeps with benchmarks/tune_scan.py on an H200 (2026-11-30, bf16;
@@ -213,6 +217,89 @@ def _selective_scan_fwd_kernel(
         tl.store(last_state_ptr + state_offs, h, mask=mask_dn)
 
 
+@triton.jit
+def _selective_scan_fwd_sequential_kernel(
+    # inputs
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, h0_ptr,
+    # outputs
+    out_ptr, last_state_ptr, ckpt_ptr,
+    # sizes
+    dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks,
+    # strides (the time stride of u, delta, z, B, C, out is 1)
+    stride_u_batch, stride_u_dim,
+    stride_delta_batch, stride_delta_dim,
+    stride_A_dim, stride_A_state,
+    stride_B_batch, stride_B_group, stride_B_state,
+    stride_C_batch, stride_C_group, stride_C_state,
+    stride_z_batch, stride_z_dim,
+    stride_out_batch, stride_out_dim,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
+    UNROLL_N: tl.constexpr,
+):
+    """Same arguments and results as _selective_scan_fwd_kernel (CARRY_IN_MEMORY and UNROLL_N unused; N_STAGES
+    pipelines the time loop). The (BLOCK_D, BLOCK_N) state tile stays in registers and advances one time step per
+    iteration: per step it loads one column of u / delta / z (BLOCK_D values) and of B / C (d_state values), and
+    the output's sum over states is the only reduction. The state at every CHUNK_L-th step is the checkpoint."""
+    pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
+    pid_batch = tl.program_id(1).to(tl.int64)
+    group = pid_block // blocks_per_group
+    block = pid_block % blocks_per_group
+
+    offs_in_group = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_in_group < dim_per_group
+    offs_d = group * dim_per_group + offs_in_group  # channel index in [0, dim)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < d_state
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+
+    # Time-0 pointers of this batch element's channels (BLOCK_D,) and of its group's states (BLOCK_N,).
+    u_col = u_ptr + pid_batch * stride_u_batch + offs_d * stride_u_dim
+    delta_col = delta_ptr + pid_batch * stride_delta_batch + offs_d * stride_delta_dim
+    z_col = z_ptr + pid_batch * stride_z_batch + offs_d * stride_z_dim
+    out_col = out_ptr + pid_batch * stride_out_batch + offs_d * stride_out_dim
+    B_col = B_ptr + pid_batch * stride_B_batch + group * stride_B_group + offs_n * stride_B_state
+    C_col = C_ptr + pid_batch * stride_C_batch + group * stride_C_group + offs_n * stride_C_state
+    # Contiguous float32 states (batch, dim, d_state) and checkpoints (batch, dim, n_chunks, d_state).
+    state_offs = (pid_batch * dim + offs_d[:, None]) * d_state + offs_n[None, :]
+    ckpt_offs = (pid_batch * dim + offs_d[:, None]) * (n_chunks * d_state) + offs_n[None, :]
+
+    A = tl.load(A_ptr + offs_d[:, None] * stride_A_dim + offs_n[None, :] * stride_A_state, mask=mask_dn,
+                other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_N)
+    if HAS_H0:
+        h = tl.load(h0_ptr + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_DELTA_BIAS:
+        delta_bias = tl.load(delta_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    for t in tl.range(0, seqlen, num_stages=N_STAGES):
+        if t % CHUNK_L == 0:
+            tl.store(ckpt_ptr + ckpt_offs + (t // CHUNK_L) * d_state, h, mask=mask_dn)
+        u = tl.load(u_col + t, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
+        dt = tl.load(delta_col + t, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_DELTA_BIAS:
+            dt += delta_bias
+        if DELTA_SOFTPLUS:
+            dt = softplus(dt)
+        dt = tl.where(mask_d, dt, 0.0)
+        B_t = tl.load(B_col + t, mask=mask_n, other=0.0).to(tl.float32)  # (BLOCK_N,)
+        C_t = tl.load(C_col + t, mask=mask_n, other=0.0).to(tl.float32)
+        h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * B_t[None, :]
+        y = tl.sum(h * C_t[None, :], axis=1)  # (BLOCK_D,)
+        if HAS_D:
+            y += D * u
+        if HAS_Z:
+            z = tl.load(z_col + t, mask=mask_d, other=0.0).to(tl.float32)
+            y *= z * tl.sigmoid(z)
+        tl.store(out_col + t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+    tl.store(last_state_ptr + state_offs, h, mask=mask_dn)
+
+
 def selective_scan_fwd_launch(
     u: torch.Tensor,  # (batch, dim, seqlen), time stride 1
     delta: torch.Tensor,  # (batch, dim, seqlen), time stride 1
@@ -240,7 +327,8 @@ def selective_scan_fwd_launch(
     # Absent optional inputs are never read (their HAS_* flag is False): any tensor stands in for the pointer.
     D_arg, z_arg, bias_arg, h0_arg = (t if t is not None else u for t in (D, z, delta_bias, initial_state))
     grid = (groups * blocks_per_group, batch)
-    _selective_scan_fwd_kernel[grid](
+    kernel = _selective_scan_fwd_sequential_kernel if sizes.fwd_kernel == "sequential" else _selective_scan_fwd_kernel
+    kernel[grid](
         u, delta, A, B, C, D_arg, z_arg, bias_arg, h0_arg,
         out, last_state, ckpt,
         dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks,
