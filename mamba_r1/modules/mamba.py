@@ -244,7 +244,8 @@ class MambaBlock(nn.Module):
             # Pad embeddings may be anything (even uninitialised memory); zeros keep NaN/inf out of 0 * x products.
             x = x.masked_fill(~mask[..., None], 0.0)
         # Channel-major from here on: every (batch, d_inner, seqlen) operand of the conv and the scan has time stride 1.
-        xz = channel_major_linear(self.in_proj.weight, x.transpose(1, 2), self.in_proj.bias)  # (batch, 2 d_inner, seqlen)
+        # xz: (batch, 2 * d_inner, seqlen)
+        xz = channel_major_linear(self.in_proj.weight, x.transpose(1, 2), self.in_proj.bias)
         x_in, z = xz.chunk(2, dim=1)  # (batch, d_inner, seqlen) views each
         u, conv_state = self._causal_conv(x_in, mask, None if state is None else state.conv_state)
 
