@@ -33,15 +33,8 @@ from loguru import logger
 from torch import Tensor
 
 from mamba_r1.ops.selective_scan import _check_float, _check_shape
-from mamba_r1.ops.state_update import (
-    _jit,
-    check_triton_runtime,
-    for_kernel,
-    needs_autograd,
-    resolve_backend,
-    tl,
-    triton,
-)
+from mamba_r1.ops.triton_runtime import check_triton_runtime, for_kernel, needs_autograd, resolve_backend, tl, triton
+from mamba_r1.ops.triton_runtime import jit as _jit
 
 
 def _check_conv_args(x, conv_state, weight, bias, silu) -> None:
@@ -207,7 +200,6 @@ def causal_conv1d_update(
     if name == "torch":
         return causal_conv1d_update_ref(x, conv_state, weight, bias, silu)
     return _causal_conv1d_update_triton(x, conv_state, weight, bias, silu)
-
 
 
 # ================================================================================ whole sequence (training, prefill)

@@ -27,28 +27,20 @@ from einops import rearrange, repeat
 from loguru import logger
 
 from mamba_r1.ops.selective_scan import _check_float, _check_shape
+from mamba_r1.ops.triton_runtime import (
+    BACKENDS,
+    check_triton_runtime,
+    for_kernel,
+    needs_autograd,
+    resolve_backend,
+    tl,
+    triton,
+)
+from mamba_r1.ops.triton_runtime import jit as _jit
 
-# Imported eagerly (about 0.1 s) because the decode kernels live beside their references in this file; guarded
-# because triton is Linux-only: without it the torch backend still works and the triton one says what is missing.
-try:
-    import triton
-    import triton.language as tl
-
+# The kernel's softplus is the scan's (imported eagerly: the kernel sits beside its reference in this file).
+if triton is not None:
     from mamba_r1.ops.selective_scan.triton_fwd import softplus
-
-    _jit = triton.jit
-except ImportError as _err:  # pragma: no cover - exercised only where triton is absent
-    triton = tl = softplus = None
-    _TRITON_IMPORT_ERROR = _err
-
-    def _jit(fn):
-        """Stand-in decorator: the kernel stays a plain function that check_triton_runtime never lets run."""
-        return fn
-else:
-    _TRITON_IMPORT_ERROR = None
-
-BACKENDS = ("auto", "torch", "triton")
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------- argument checks
@@ -94,45 +86,6 @@ def _check_update_args(state, x, dt, A, B, C, D, z, dt_bias) -> None:
         if t is not None and t.device != state.device:
             raise ValueError(f"{name} is on {t.device} but state is on {state.device}; "
                              "all inputs must be on one device")
-
-
-def resolve_backend(op: str, backend: str, device: torch.device) -> str:
-    """"auto" -> "triton" on CUDA tensors, "torch" otherwise; anything outside BACKENDS is a ValueError."""
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}; got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return backend
-
-
-def needs_autograd(*tensors: torch.Tensor | None) -> bool:
-    """True when autograd would record this call: grad mode on and some input requires grad."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def check_triton_runtime(op: str, device: torch.device, interpreting: bool) -> None:
-    """A decode kernel runs on CUDA, or on CPU under Triton's interpreter; say what to do otherwise."""
-    if triton is None:
-        raise ImportError(f"{op}(backend='triton') needs the 'triton' package (Linux; `pip install triton`), which "
-                          f"could not be imported ({_TRITON_IMPORT_ERROR}). Use backend='torch' instead.")
-    if device.type == "cuda":
-        return
-    if device.type != "cpu":
-        raise ValueError(f"{op}(backend='triton') runs on CUDA (or CPU under TRITON_INTERPRET=1); got tensors on "
-                         f"{device}. Use backend='torch'.")
-    if not interpreting:
-        raise RuntimeError(
-            f"{op}(backend='triton') got CPU tensors, but Triton's CPU interpreter is off. Use backend='torch' on "
-            "CPU, or set the environment variable TRITON_INTERPRET=1 before anything imports triton (and before "
-            "mamba_r1 is imported)."
-        )
-
-
-def for_kernel(t: torch.Tensor | None, interpreting: bool) -> torch.Tensor | None:
-    """What a kernel can read: any float dtype on GPU; no half precision under the interpreter."""
-    if t is not None and interpreting and t.dtype in _HALF_DTYPES:
-        return t.float()
-    return t
 
 
 # ---------------------------------------------------------------------------------------------- torch reference

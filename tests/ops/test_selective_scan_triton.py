@@ -198,7 +198,7 @@ def test_backward_keeps_no_full_state_tensor():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         selective_scan(**args, delta_softplus=True, backend="triton")
     # What the backward needs: the inputs and the float32 state at each chunk start, all <= 1/8 of the full states.
-    assert (batch, dim, num_chunks(seqlen, d_state), d_state) in saved_shapes, saved_shapes
+    assert (batch, dim, num_chunks(seqlen), d_state) in saved_shapes, saved_shapes
     assert max(math.prod(s) for s in saved_shapes) <= batch * dim * seqlen * d_state // 8, saved_shapes
 
 

@@ -19,7 +19,7 @@ import torch
 from loguru import logger
 from torch import Tensor
 
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
+from mamba_r1.ops.triton_runtime import check_triton_runtime, for_kernel
 
 
 def _kernels():
@@ -37,25 +37,14 @@ def _kernels():
 def _check_runtime(device: torch.device) -> None:
     """The kernels run on CUDA, or on CPU under Triton's interpreter; say what to do otherwise."""
     triton_fwd, _ = _kernels()
-    if device.type == "cuda":
-        return
-    if device.type != "cpu":
-        raise ValueError(f"selective_scan(backend='triton') runs on CUDA (or CPU under TRITON_INTERPRET=1); "
-                         f"got tensors on {device}. Use backend='torch'.")
-    if not triton_fwd.interpreting():
-        raise RuntimeError(
-            "selective_scan(backend='triton') got CPU tensors, but Triton's CPU interpreter is off. Use "
-            "backend='torch' on CPU, or set the environment variable TRITON_INTERPRET=1 before anything imports "
-            "triton (and before the first triton-backend call)."
-        )
+    check_triton_runtime("selective_scan", device, triton_fwd.interpreting())
 
 
 def _for_kernel(t: Optional[Tensor], interpret: bool) -> Optional[Tensor]:
     """What a kernel can read: time stride 1, and no half precision under the interpreter."""
     if t is None:
         return None
-    if interpret and t.dtype in _HALF_DTYPES:
-        t = t.float()
+    t = for_kernel(t, interpret)
     if t.stride(-1) != 1:
         t = t.contiguous()
     return t
@@ -103,7 +92,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     d_state = A.shape[1]
     out = u.new_empty(batch, dim, seqlen)
     last_state = u.new_empty(batch, dim, d_state, dtype=torch.float32)
-    ckpt = u.new_empty(batch, dim, num_chunks(seqlen, d_state), d_state, dtype=torch.float32)
+    ckpt = u.new_empty(batch, dim, num_chunks(seqlen), d_state, dtype=torch.float32)
     return out, last_state, ckpt
 
 

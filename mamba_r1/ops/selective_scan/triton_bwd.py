@@ -264,7 +264,7 @@ def selective_scan_bwd_launch(
     (batch, groups, d_state, seqlen), D and delta_bias (dim,), initial_state (batch, dim, d_state) (None where absent)."""
     batch, dim, seqlen = u.shape
     groups, d_state = B.shape[1], A.shape[1]
-    sizes = block_sizes(seqlen, d_state)
+    sizes = block_sizes()
     n_chunks = ckpt.shape[2]
     dim_per_group = dim // groups
     block_d = min(sizes.bwd_block_d, triton.next_power_of_2(dim_per_group))

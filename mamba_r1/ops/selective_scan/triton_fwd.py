@@ -70,16 +70,16 @@ def interpreting() -> bool:
     return type(_selective_scan_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-def block_sizes(seqlen=None, d_state=None) -> BlockSizes:
-    """Block sizes for a scan of this length and state size (both kernels and the fake shapes call this)."""
+def block_sizes() -> BlockSizes:
+    """The block sizes both kernels and the fake shapes use (one row for every shape: see BLOCK_SIZE_TABLE)."""
     if BLOCK_SIZE_OVERRIDE is not None:
         return BLOCK_SIZE_OVERRIDE
     return BLOCK_SIZE_TABLE["interpret" if interpreting() else "cuda"]
 
 
-def num_chunks(seqlen, d_state=None):
+def num_chunks(seqlen):
     """Number of CHUNK_L chunks (works on SymInts, so fake tensors get the same checkpoint shape)."""
-    chunk_l = block_sizes(seqlen, d_state).chunk_l
+    chunk_l = block_sizes().chunk_l
     return (seqlen + chunk_l - 1) // chunk_l
 
 
@@ -317,7 +317,7 @@ def selective_scan_fwd_launch(
     (batch, dim, n_chunks, d_state)), both float32. Inputs are trusted (checked by selective_scan)."""
     batch, dim, seqlen = u.shape
     groups, d_state = B.shape[1], A.shape[1]
-    sizes = block_sizes(seqlen, d_state)
+    sizes = block_sizes()
     n_chunks = triton.cdiv(seqlen, sizes.chunk_l)
     dim_per_group = dim // groups
     block_d = min(sizes.fwd_block_d, triton.next_power_of_2(dim_per_group))

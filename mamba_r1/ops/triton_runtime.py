@@ -1,0 +1,74 @@
+"""What every Triton-backed op shares: the guarded triton import, backend resolution for the decode-style ops, and
+the check that a kernel can run where its tensors are.
+
+Triton kernels run on CUDA, or on CPU under Triton's interpreter (TRITON_INTERPRET=1, read when triton decorates a
+kernel, i.e. when the kernel's module is first imported), which is how CI tests them. The interpreter has no
+bfloat16: half-precision inputs are upcast before a launch there (``for_kernel``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Guarded because triton is Linux-only: without it the torch paths still work and a triton call says what is missing.
+try:
+    import triton
+    import triton.language as tl
+
+    jit = triton.jit
+    IMPORT_ERROR = None
+except ImportError as _err:  # pragma: no cover - exercised only where triton is absent
+    triton = tl = None
+    IMPORT_ERROR = _err
+
+    def jit(fn):
+        """Stand-in decorator: the kernel stays a plain function that check_triton_runtime never lets run."""
+        return fn
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+# Backends of the ops whose plain-PyTorch path is also their reference (state update, conv).
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+    """"auto" -> "triton" on CUDA tensors, "torch" otherwise; anything outside BACKENDS is a ValueError."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd would record this call: grad mode on and some input requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def check_triton_runtime(op: str, device: torch.device, interpreting: bool) -> None:
+    """A Triton kernel runs on CUDA, or on CPU under Triton's interpreter; say what to do otherwise."""
+    if triton is None:
+        raise ImportError(f"{op}(backend='triton') needs the 'triton' package (Linux; `pip install triton`), which "
+                          f"could not be imported ({IMPORT_ERROR}). Use backend='torch' instead.")
+    if device.type == "cuda":
+        return
+    if device.type != "cpu":
+        raise ValueError(f"{op}(backend='triton') runs on CUDA (or CPU under TRITON_INTERPRET=1); got tensors on "
+                         f"{device}. Use backend='torch'.")
+    if not interpreting:
+        raise RuntimeError(
+            f"{op}(backend='triton') got CPU tensors, but Triton's CPU interpreter is off. Use backend='torch' on "
+            "CPU, or set the environment variable TRITON_INTERPRET=1 before anything imports triton (and before "
+            "mamba_r1 is imported)."
+        )
+
+
+def for_kernel(t: torch.Tensor | None, interpreting: bool) -> torch.Tensor | None:
+    """What a kernel can read: any float dtype on GPU; no half precision under the interpreter."""
+    if t is not None and interpreting and t.dtype in HALF_DTYPES:
+        return t.float()
+    return t
+
+
+__all__ = ["BACKENDS", "HALF_DTYPES", "check_triton_runtime", "for_kernel", "jit", "needs_autograd",
+           "resolve_backend", "tl", "triton"]
