@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tune_scan import BWD, FWD, FWD_SEQUENTIAL  # noqa: E402
+from tune_scan import BWD, FWD  # noqa: E402
 
 from mamba_r1.ops.selective_scan import triton_bwd, triton_fwd  # noqa: E402
 
@@ -70,8 +70,6 @@ def main():
                      DELTA_SOFTPLUS=True, BLOCK_N=block_n, CARRY_IN_MEMORY=True, ATOMIC_BC=True, UNROLL_N=1)
     print(f"sm_{a.arch}, triton {triton.__version__}, d_state {a.d_state}, bf16 activations, z gating, softplus")
     rows = [("fwd scan", triton_fwd._selective_scan_fwd_kernel, c, fwd_flags) for c in FWD]
-    rows += [("fwd sequential", triton_fwd._selective_scan_fwd_sequential_kernel, (512, bd, w, st, 1), fwd_flags)
-             for bd, w, st in FWD_SEQUENTIAL]
     rows += [("bwd", triton_bwd._selective_scan_bwd_kernel, c, bwd_flags) for c in BWD]
     for name, kernel, (chunk_l, block_d, warps, stages, unroll), flags in rows:
         constexprs = dict(flags, BLOCK_D=block_d, CHUNK_L=chunk_l, N_STAGES=stages, UNROLL_N=unroll)

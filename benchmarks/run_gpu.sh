@@ -2,7 +2,7 @@
 # One device call: correctness on CUDA first, then every benchmark; logs, JSON and plots end up in one tarball,
 # $OUT/gpu_results.tgz ($OUT: the device tool's output folder). Usage (repo root; the lent image had no loguru in
 # 2026-11, so carry its wheel in .whl/, see the device tool's README):
-#   bash benchmarks/run_gpu.sh [tests|quicktests|scan|block|conv|moe|memory|decode|profile|tune ...]
+#   bash benchmarks/run_gpu.sh [tests|quicktests|ncu|scan|block|conv|moe|memory|decode|profile|tune ...]
 # (default: all but conv and tune)
 set -uo pipefail
 # Logs land in a scratch folder, then one tarball in $OUT (the device tool returns at most 8 files).
@@ -28,7 +28,7 @@ for w in $what; do
               tests/ops/test_selective_scan.py tests/modules/test_moe.py 2>&1 | tail -15 | tee "$OUT/tests.log" ;;
     # The decode and conv kernels plus the block and generation tests only (about a minute on an H200).
     quicktests) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_causal_conv1d.py \
-              tests/ops/test_state_update.py tests/modules/test_mamba.py tests/test_generation.py 2>&1 | tail -15 \
+              tests/ops/test_state_update.py tests/modules/test_mamba.py tests/test_generation.py --tb=short 2>&1 | tail -80 \
               | tee "$OUT/quicktests.log" ;;
     scan)   python3 benchmarks/bench_scan.py --device cuda --preset targets --out "$OUT/scan_cuda.json" 2>&1 | tee "$OUT/scan.log" ;;
     block)  python3 benchmarks/bench_block.py --device cuda 2>&1 | tee "$OUT/block.log" ;;
@@ -37,6 +37,11 @@ for w in $what; do
     decode) python3 benchmarks/bench_decode.py --device cuda 2>&1 | tee "$OUT/decode.log" ;;
     profile) python3 benchmarks/profile_gpu.py block 2>&1 | tee "$OUT/profile_block.log" ;;
     conv)   python3 benchmarks/bench_conv.py 2>&1 | tee "$OUT/conv.log" ;;
+    # Hardware counters of the scan kernels (works on the Firecracker machines; clocks left alone).
+    ncu)    ncu --clock-control none --kernel-name regex:selective_scan --launch-skip 2 --launch-count 2 \
+              --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+              --section LaunchStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+              python3 benchmarks/ncu_scan.py > "$OUT/ncu_scan.log" 2>&1; tail -5 "$OUT/ncu_scan.log" ;;
     tune)   python3 benchmarks/tune_scan.py --budget-s "${TUNE_BUDGET_S:-240}" --out "$OUT/tune_scan.json" 2>&1 | tee "$OUT/tune.log" ;;
   esac
 done

@@ -30,26 +30,20 @@ SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
 # Sweeps on an H200 (2026-11-30, benchmarks/RESULTS.md): the first (chunk 16-2048 x 1-128 channels x 1-8 warps, carry
 # in registers or memory, per-program dB/dC partials) and the second (one channel per program, atomics) found chunk
 # 512 x one channel x one warp best; the third found pipelining the state loop (stages 2) worth 3-6% on two shapes and
-# -3% on the third, unrolling it 20-60% slower (forward only: the backward was not reached). Next, untried: several
-# channels in one warp. With one warp the channels of a tile should sit in each thread's registers (Triton spreads
-# threads along time first), making the sum of dB/dC over them in-thread and the atomics block_d times fewer; B and C
-# are read once per block instead of once per channel. The layout is a guess until a run shows it.
-FWD = [(512, 1, 1, 1, 1), (512, 2, 1, 1, 1), (256, 2, 1, 1, 1), (128, 4, 1, 1, 1), (512, 1, 1, 2, 1)]
-# The step-by-step forward kernel (fwd_kernel="sequential", written 2026-11-30, never run on a GPU): (block_d, warps,
-# n_stages of its time loop); chunk 512 only sets the checkpoint spacing. Batch 1 x 65536 gives it only 2048 / block_d
-# programs: expect it to lose there.
-FWD_SEQUENTIAL = [(32, 1, 1), (32, 1, 2), (32, 1, 3), (16, 1, 2), (64, 2, 2), (128, 4, 2), (8, 1, 2)]
+# -3% on the third, unrolling it 20-60% slower; the fourth: stages 2 5-17% faster in the backward, several channels
+# in one warp slower in both kernels. Next: stages and chunk around the table's row with exp2 decays.
+FWD = [(512, 1, 1, 1, 1), (512, 1, 1, 2, 1), (256, 1, 1, 2, 1), (512, 1, 2, 2, 1)]
 # Configurations that spill (benchmarks/kernel_resources.py compiles them here, no GPU needed) are left out.
-BWD = [(512, 1, 1, 1, 1), (256, 1, 1, 1, 1), (256, 2, 1, 1, 1), (128, 2, 1, 1, 1), (512, 1, 1, 2, 1)]
+BWD = [(512, 1, 1, 2, 1), (512, 1, 1, 3, 1), (256, 1, 1, 2, 1), (256, 1, 1, 3, 1)]
 
 
-def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, fwd_kernel="scan"):
+def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1):
     """Set the configuration; the kernel not being swept gets one channel per program and one warp."""
     fwd = fwd or (1, 1)
     bwd = bwd or (1, 1)
     triton_fwd.BLOCK_SIZE_OVERRIDE = triton_fwd.BlockSizes(chunk_l, fwd[0], fwd[1], bwd[0], bwd[1],
                                                            carry_in_memory=True, atomic_bc=True, n_stages=stages,
-                                                           unroll_n=unroll, fwd_kernel=fwd_kernel)
+                                                           unroll_n=unroll, bwd_n_stages=stages)
 
 
 class Checker:
@@ -113,15 +107,13 @@ def main():
     checker, rows, start = Checker("cuda"), [], time.perf_counter()
     print(f"tune_scan on {device_name('cuda')}, torch {torch.__version__}", flush=True)
     plan = [("fwd", c) for c in FWD] if "fwd" in a.which else []
-    plan += [("fwd-sequential", (512, bd, w, st, 1)) for bd, w, st in FWD_SEQUENTIAL] if "fwd" in a.which else []
     plan += [("bwd", c) for c in BWD] if "bwd" in a.which else []
     for kind, (chunk_l, block_d, warps, stages, unroll) in plan:
         if time.perf_counter() - start > a.budget_s:
             print(f"budget spent: skipped the rest from {kind} {chunk_l, block_d, warps, stages, unroll}")
             break
         if kind.startswith("fwd"):
-            use(chunk_l, fwd=(block_d, warps), stages=stages, unroll=unroll,
-                fwd_kernel="sequential" if kind == "fwd-sequential" else "scan")
+            use(chunk_l, fwd=(block_d, warps), stages=stages, unroll=unroll)
         else:
             use(chunk_l, bwd=(block_d, warps), stages=stages, unroll=unroll)
         row = dict(kind=kind, chunk_l=chunk_l, block_d=block_d, warps=warps, n_stages=stages, unroll_n=unroll)
@@ -145,7 +137,7 @@ def main():
     triton_fwd.BLOCK_SIZE_OVERRIDE = None
     print("\nbest per shape (ms; mamba-ssm H100 fwd / fwd+bwd from TARGETS.md):")
     for shape in shapes:
-        for kind in ("fwd", "fwd-sequential", "bwd"):
+        for kind in ("fwd", "bwd"):
             timed = [r for r in rows if r["kind"] == kind and str(shape) in r]
             if timed:
                 best = min(timed, key=lambda r: r[str(shape)])

@@ -10,12 +10,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mamba_r1.modules.mamba import MambaBlock, MambaState
-from tests.conftest import GRAD_TOL, TOL, rel_err
+from tests.conftest import DEVICE, GRAD_TOL, TOL, rel_err
 
 # The hypothesis tests run the PyTorch paths; the fused Triton kernels get one small test at the end (under the CPU
 # interpreter they are too slow for more).
 BACKENDS = ["ref"] + (["torch"] if importlib.util.find_spec("mamba_r1.ops.selective_scan.chunked") else [])
 F32 = TOL[torch.float32]
+
+
+@pytest.fixture
+def on_test_device():
+    """Tensors and modules made inside the test land on the GPU when there is one: backend="triton" runs there, or
+    under the CPU interpreter without one."""
+    with torch.device(DEVICE):
+        yield
 
 
 def make_block(backend, d_model=24, d_state=5, d_conv=4, dtype=torch.float32, **kwargs):
@@ -451,6 +459,7 @@ def test_selective_must_be_a_bool():
         MambaBlock(16, selective="no")
 
 
+@pytest.mark.usefixtures("on_test_device")
 @pytest.mark.parametrize("d_conv", [4, 10])  # 10: wider than the fused conv unrolls, so the block falls back
 def test_triton_backend_matches_torch_backend_forward_gradients_and_steps(d_conv):
     """The block on its fused kernels (scan, conv + SiLU, decode step; the interpreter without a GPU) against the
@@ -503,6 +512,7 @@ def test_step_compiles_with_fullgraph():
     assert torch.equal(compiled_state.ssm_state, eager_state.ssm_state)
 
 
+@pytest.mark.usefixtures("on_test_device")
 def test_block_on_fused_kernels_compiles_with_fullgraph():
     """Forward and backward of the block on the Triton custom ops (scan, conv + SiLU) trace as one graph."""
     block = make_block("triton", d_model=8, d_state=3)

@@ -108,7 +108,7 @@ def _groups_for(dim, pick):
     return 0 if pick == 0 else divisors[pick % len(divisors)]
 
 
-@pytest.mark.parametrize("variant", ["registers", "memory", "sequential"])
+@pytest.mark.parametrize("variant", ["registers", "memory"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @settings(deadline=None, max_examples=20)
 @given(
@@ -138,14 +138,13 @@ def test_forward_and_gradients_match_float64_reference(variant, dtype, batch, di
 @contextlib.contextmanager
 def block_sizes_variant(variant):
     """Run the kernels with the chunk carry in registers and per-program dB / dC partials ("registers"), with the
-    carry through memory and atomically summed dB / dC ("memory"), or with the step-by-step forward kernel
-    ("sequential")."""
+    carry through memory and atomically summed dB / dC ("memory")."""
     from mamba_r1.ops.selective_scan import triton_fwd
 
     row = triton_fwd.block_sizes()
     memory = variant == "memory"
     triton_fwd.BLOCK_SIZE_OVERRIDE = dataclasses.replace(
-        row, carry_in_memory=memory, atomic_bc=memory, fwd_kernel="sequential" if variant == "sequential" else "scan")
+        row, carry_in_memory=memory, atomic_bc=memory)
     try:
         yield
     finally:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mamba_r1.ops.selective_scan.triton_fwd import affine_combine, block_sizes, softplus
+from mamba_r1.ops.selective_scan.triton_fwd import LN2, LOG2E, affine_combine, block_sizes, softplus
 
 
 @triton.jit
@@ -137,6 +137,9 @@ def _selective_scan_bwd_kernel(
         dt = tl.where(mask_dt, dt, 0.0)
         dt_next = tl.where(mask_next, dt_next, 0.0)
         dt_u = dt * u
+        # dt in log2 units from here: each decay is one exp2 (see the forward); sums over dt are scaled back by ln 2.
+        dt *= LOG2E
+        dt_next *= LOG2E
         dout = tl.load(dout_rows + offs_t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(z_rows + offs_t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
@@ -161,7 +164,7 @@ def _selective_scan_bwd_kernel(
             # 1. forward states of this chunk from the checkpoint
             h_start = tl.load(ckpt_rows + chunk * d_state + n, mask=mask_d, other=0.0)  # (BLOCK_D,)
             x = dt_u * B_n[None, :]
-            decay_cum, h_n = tl.associative_scan((tl.exp(dt * A_n[:, None]), x), 1, affine_combine)
+            decay_cum, h_n = tl.associative_scan((tl.exp2(dt * A_n[:, None]), x), 1, affine_combine)
             h_n += decay_cum * h_start[:, None]
             if HAS_Z:
                 y += h_n * C_n[None, :]
@@ -171,7 +174,7 @@ def _selective_scan_bwd_kernel(
             else:
                 is_n = offs_n[None, :] == n
                 g_end = tl.sum(tl.where(is_n, g_carry, 0.0), axis=1)  # (BLOCK_D,)
-            decay_rev, g_n = tl.associative_scan((tl.exp(dt_next * A_n[:, None]), dy * C_n[None, :]), 1,
+            decay_rev, g_n = tl.associative_scan((tl.exp2(dt_next * A_n[:, None]), dy * C_n[None, :]), 1,
                                                  affine_combine, reverse=True)
             g_n += decay_rev * g_end[:, None]
             if CARRY_IN_MEMORY:
@@ -188,9 +191,9 @@ def _selective_scan_bwd_kernel(
             if CARRY_IN_MEMORY:
                 # Read back after the chunk's barrier, so the thread that stored a channel's dA need not be the reader.
                 dA_n = tl.load(dA_part_ptr + state_rows + n, mask=mask_d, other=0.0)
-                tl.store(dA_part_ptr + state_rows + n, dA_n + tl.sum(g_decayed * dt, axis=1), mask=mask_d)
+                tl.store(dA_part_ptr + state_rows + n, dA_n + LN2 * tl.sum(g_decayed * dt, axis=1), mask=mask_d)
             else:
-                dA_acc = tl.where(is_n, dA_acc + tl.sum(g_decayed * dt, axis=1)[:, None], dA_acc)
+                dA_acc = tl.where(is_n, dA_acc + LN2 * tl.sum(g_decayed * dt, axis=1)[:, None], dA_acc)
             part_row = dBC_part_offs + n * seqlen + offs_t
             if ATOMIC_BC:
                 tl.atomic_add(dB_part_ptr + part_row, tl.sum(g_n * dt_u, axis=0), mask=mask_t, sem="relaxed")
@@ -201,7 +204,7 @@ def _selective_scan_bwd_kernel(
 
         u = tl.load(u_rows + offs_t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
         ddt += g_B * u
-        du = g_B * dt
+        du = g_B * (dt * LN2)
         if HAS_D:
             du += D[:, None] * dy
         if HAS_Z:
@@ -312,7 +315,7 @@ def selective_scan_bwd_launch(
         HAS_DLAST=dlast is not None, WANT_DH0=want_dinitial_state, DELTA_SOFTPLUS=delta_softplus,
         CARRY_IN_MEMORY=sizes.carry_in_memory, ATOMIC_BC=sizes.atomic_bc,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
-        N_STAGES=sizes.n_stages, UNROLL_N=sizes.unroll_n,
+        N_STAGES=sizes.bwd_n_stages, UNROLL_N=sizes.unroll_n,
         num_warps=sizes.bwd_warps,
     )
     return {

@@ -36,13 +36,11 @@ class BlockSizes:
     # writing per-program partials that torch sums afterwards (those are dim / bwd_block_d copies of B). Atomics
     # make dB and dC's float32 rounding depend on the order programs finish (not bitwise reproducible).
     atomic_bc: bool = False
-    # The loop over states: software-pipelining stages for its loads (1 = none) and unroll factor (1 = none).
+    # The loop over states: software-pipelining stages for its loads (1 = none) in the forward and in the backward,
+    # and its unroll factor (1 = none).
     n_stages: int = 1
     unroll_n: int = 1
-    # Forward kernel: "scan" (parallel scans over each chunk, state by state) or "sequential" (each (channel, state)
-    # pair walks time step by step with the state in registers; no scan, no cross-thread work per step; n_stages
-    # pipelines its time loop). Not yet measured on a GPU: benchmarks/tune_scan.py compares them.
-    fwd_kernel: str = "scan"
+    bwd_n_stages: int = 1
 
 
 # GPU tuning edits this table only. "cuda": from two sweeps with benchmarks/tune_scan.py on an H200 (2026-11-30, bf16;
@@ -53,11 +51,16 @@ class BlockSizes:
 # channels. With one channel per program dB/dC must be atomics (partials would be dim copies of B), and the carry goes
 # through memory (no per-state column extraction). Against the previous row (chunk 128, 8 / 16 channels, carry in
 # registers) it is 1.8x faster forward and 1.6x backward at 8x2048x2048x16, 2.2x / 2.4x at seqlen 65536.
+# A third and fourth sweep: two pipelining stages in the backward's state loop are 5% / 17% / 12% faster at the three
+# shapes (3.26 / 13.2 / 5.70 ms); in the forward +3% slower at the first shape (the block's), 6-7% faster at the others,
+# so the forward keeps one. Several channels in one warp lost everywhere (0.92-1.0 ms against 0.65 at the first
+# shape), and so did a step-by-step forward with each (channel, state) pair's state in registers (1.2-9.2x slower;
+# removed).
 # Under the interpreter the blocks are tiny so that small test shapes cross many chunk and block edges, and the two
 # kernels use different block_d on purpose.
 BLOCK_SIZE_TABLE = {
     "cuda": BlockSizes(chunk_l=512, fwd_block_d=1, fwd_warps=1, bwd_block_d=1, bwd_warps=1, carry_in_memory=True,
-                       atomic_bc=True),
+                       atomic_bc=True, bwd_n_stages=2),
     "interpret": BlockSizes(chunk_l=8, fwd_block_d=2, fwd_warps=1, bwd_block_d=4, bwd_warps=1),
 }
 # Tuning scripts (benchmarks/tune_scan.py) set this to try a configuration; None in normal use.
@@ -81,6 +84,10 @@ def num_chunks(seqlen):
     """Number of CHUNK_L chunks (works on SymInts, so fake tensors get the same checkpoint shape)."""
     chunk_l = block_sizes().chunk_l
     return (seqlen + chunk_l - 1) // chunk_l
+
+
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
+LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2(e)
 
 
 @triton.jit
@@ -179,6 +186,9 @@ def _selective_scan_fwd_kernel(
         # the state at the last real step, and padded channels stay at zero.
         dt = tl.where(mask_dt, dt, 0.0)
         dt_u = dt * u
+        # From here on dt is kept in log2 units, so each state's decay is one exp2 (ex2.approx): exp(dt A) =
+        # exp2(dt log2(e) A), one multiply per (step, state) fewer than tl.exp.
+        dt *= LOG2E
         if HAS_D:
             y = D[:, None] * u
         else:
@@ -189,7 +199,7 @@ def _selective_scan_fwd_kernel(
             A_n = tl.load(A_rows + n * stride_A_state, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
             B_n = tl.load(B_group + n * stride_B_state + offs_t, mask=mask_t, other=0.0).to(tl.float32)  # (CHUNK_L,)
             C_n = tl.load(C_group + n * stride_C_state + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-            decay = tl.exp(dt * A_n[:, None])
+            decay = tl.exp2(dt * A_n[:, None])
             decay_cum, h_n = tl.associative_scan((decay, dt_u * B_n[None, :]), 1, affine_combine)
             if CARRY_IN_MEMORY:
                 h_start = tl.load(ckpt_rows + chunk * d_state + n, mask=mask_d, other=0.0)  # (BLOCK_D,)
@@ -215,89 +225,6 @@ def _selective_scan_fwd_kernel(
 
     if not CARRY_IN_MEMORY:
         tl.store(last_state_ptr + state_offs, h, mask=mask_dn)
-
-
-@triton.jit
-def _selective_scan_fwd_sequential_kernel(
-    # inputs
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, h0_ptr,
-    # outputs
-    out_ptr, last_state_ptr, ckpt_ptr,
-    # sizes
-    dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks,
-    # strides (the time stride of u, delta, z, B, C, out is 1)
-    stride_u_batch, stride_u_dim,
-    stride_delta_batch, stride_delta_dim,
-    stride_A_dim, stride_A_state,
-    stride_B_batch, stride_B_group, stride_B_state,
-    stride_C_batch, stride_C_group, stride_C_state,
-    stride_z_batch, stride_z_dim,
-    stride_out_batch, stride_out_dim,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
-    UNROLL_N: tl.constexpr,
-):
-    """Same arguments and results as _selective_scan_fwd_kernel (CARRY_IN_MEMORY and UNROLL_N unused; N_STAGES
-    pipelines the time loop). The (BLOCK_D, BLOCK_N) state tile stays in registers and advances one time step per
-    iteration: per step it loads one column of u / delta / z (BLOCK_D values) and of B / C (d_state values), and
-    the output's sum over states is the only reduction. The state at every CHUNK_L-th step is the checkpoint."""
-    pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
-    pid_batch = tl.program_id(1).to(tl.int64)
-    group = pid_block // blocks_per_group
-    block = pid_block % blocks_per_group
-
-    offs_in_group = block * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_in_group < dim_per_group
-    offs_d = group * dim_per_group + offs_in_group  # channel index in [0, dim)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < d_state
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-
-    # Time-0 pointers of this batch element's channels (BLOCK_D,) and of its group's states (BLOCK_N,).
-    u_col = u_ptr + pid_batch * stride_u_batch + offs_d * stride_u_dim
-    delta_col = delta_ptr + pid_batch * stride_delta_batch + offs_d * stride_delta_dim
-    z_col = z_ptr + pid_batch * stride_z_batch + offs_d * stride_z_dim
-    out_col = out_ptr + pid_batch * stride_out_batch + offs_d * stride_out_dim
-    B_col = B_ptr + pid_batch * stride_B_batch + group * stride_B_group + offs_n * stride_B_state
-    C_col = C_ptr + pid_batch * stride_C_batch + group * stride_C_group + offs_n * stride_C_state
-    # Contiguous float32 states (batch, dim, d_state) and checkpoints (batch, dim, n_chunks, d_state).
-    state_offs = (pid_batch * dim + offs_d[:, None]) * d_state + offs_n[None, :]
-    ckpt_offs = (pid_batch * dim + offs_d[:, None]) * (n_chunks * d_state) + offs_n[None, :]
-
-    A = tl.load(A_ptr + offs_d[:, None] * stride_A_dim + offs_n[None, :] * stride_A_state, mask=mask_dn,
-                other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_N)
-    if HAS_H0:
-        h = tl.load(h0_ptr + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    if HAS_D:
-        D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_DELTA_BIAS:
-        delta_bias = tl.load(delta_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-
-    for t in tl.range(0, seqlen, num_stages=N_STAGES):
-        if t % CHUNK_L == 0:
-            tl.store(ckpt_ptr + ckpt_offs + (t // CHUNK_L) * d_state, h, mask=mask_dn)
-        u = tl.load(u_col + t, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
-        dt = tl.load(delta_col + t, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_DELTA_BIAS:
-            dt += delta_bias
-        if DELTA_SOFTPLUS:
-            dt = softplus(dt)
-        dt = tl.where(mask_d, dt, 0.0)
-        B_t = tl.load(B_col + t, mask=mask_n, other=0.0).to(tl.float32)  # (BLOCK_N,)
-        C_t = tl.load(C_col + t, mask=mask_n, other=0.0).to(tl.float32)
-        h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * B_t[None, :]
-        y = tl.sum(h * C_t[None, :], axis=1)  # (BLOCK_D,)
-        if HAS_D:
-            y += D * u
-        if HAS_Z:
-            z = tl.load(z_col + t, mask=mask_d, other=0.0).to(tl.float32)
-            y *= z * tl.sigmoid(z)
-        tl.store(out_col + t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
-
-    tl.store(last_state_ptr + state_offs, h, mask=mask_dn)
 
 
 def selective_scan_fwd_launch(
@@ -327,8 +254,7 @@ def selective_scan_fwd_launch(
     # Absent optional inputs are never read (their HAS_* flag is False): any tensor stands in for the pointer.
     D_arg, z_arg, bias_arg, h0_arg = (t if t is not None else u for t in (D, z, delta_bias, initial_state))
     grid = (groups * blocks_per_group, batch)
-    kernel = _selective_scan_fwd_sequential_kernel if sizes.fwd_kernel == "sequential" else _selective_scan_fwd_kernel
-    kernel[grid](
+    _selective_scan_fwd_kernel[grid](
         u, delta, A, B, C, D_arg, z_arg, bias_arg, h0_arg,
         out, last_state, ckpt,
         dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks,
