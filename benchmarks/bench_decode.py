@@ -43,14 +43,14 @@ def sync(device):
 def check_steps(model, device, cuda_graph=False, prompt=48, steps=16) -> float:
     """Relative error of decoded logits against one full forward over the same tokens: prefill ``prompt`` tokens,
     then ``steps`` single-token steps (eager, or replayed from a CUDA graph)."""
-    from mamba_r1.generation import _GraphedStep
+    from mamba_r1.generation import _graphed_step
 
     generator = torch.Generator(device=device).manual_seed(1)
     tokens = torch.randint(0, VOCAB, (2, prompt + steps), device=device, generator=generator)
     full = model(tokens)[:, prompt:].float()  # (2, steps, vocab)
     cache = model.allocate_cache(2, max_seqlen=prompt + steps + 8)
     model(tokens[:, :prompt], cache=cache)
-    step = _GraphedStep(model, cache) if cuda_graph else model.step
+    step = _graphed_step(model, cache) if cuda_graph else model.step
     got = torch.stack([step(tokens[:, prompt + t], cache).float().clone() for t in range(steps)], dim=1)
     return ((got - full).norm() / full.norm()).item()
 
@@ -58,12 +58,12 @@ def check_steps(model, device, cuda_graph=False, prompt=48, steps=16) -> float:
 @torch.no_grad()
 def per_token_ms(model, position, device, steps=32, cuda_graph=False):
     """Prefill `position` tokens into a cache, then time `steps` decode steps alone; returns ms per token."""
-    from mamba_r1.generation import _GraphedStep
+    from mamba_r1.generation import _graphed_step
 
     prompt = torch.randint(0, VOCAB, (1, position), device=device)
     cache = model.allocate_cache(1, max_seqlen=position + steps + 8)
     logits = model(prompt, cache=cache)[:, -1]
-    step = _GraphedStep(model, cache) if cuda_graph else model.step
+    step = _graphed_step(model, cache) if cuda_graph else model.step
     token = logits.argmax(-1)
     for _ in range(3):  # warm-up
         token = step(token, cache).argmax(-1)
@@ -77,14 +77,21 @@ def per_token_ms(model, position, device, steps=32, cuda_graph=False):
 
 @torch.no_grad()
 def throughput(model, batch, prompt_len, new_tokens, device, cuda_graph=False):
+    """Generated tokens per second of model.generate (prefill included, as in mamba-ssm's benchmark; a warm-up call
+    first, which also captures the CUDA graph that later calls of this batch size reuse), and the prefill's ms."""
     prompt = torch.randint(0, VOCAB, (batch, prompt_len), device=device)
     model.generate(prompt[:, :16], max_new_tokens=4, temperature=0, cuda_graph=cuda_graph)  # warm-up
     sync(device)
     t0 = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=new_tokens, temperature=0, cuda_graph=cuda_graph)
     sync(device)
+    seconds = time.perf_counter() - t0
     assert out.shape == (batch, prompt_len + new_tokens)
-    return batch * new_tokens / (time.perf_counter() - t0)
+    cache = model.allocate_cache(batch, max_seqlen=prompt_len + 1)
+    t0 = time.perf_counter()
+    model(prompt, cache=cache)
+    sync(device)
+    return batch * new_tokens / seconds, (time.perf_counter() - t0) * 1e3
 
 
 def main():
@@ -118,17 +125,20 @@ def main():
         label = kind + (" +cuda graph" if graph else "")
         ms = [per_token_ms(models[kind], pos, a.device, cuda_graph=graph) for pos in positions]
         series[label] = (positions, ms)
-        tps = {b: throughput(models[kind], b, prompt_len, new_tokens, a.device, graph) for b in batches}
+        timed = {b: throughput(models[kind], b, prompt_len, new_tokens, a.device, graph) for b in batches}
         rows.append(dict(model=label, params=models[kind].num_parameters(), ms_per_token=dict(zip(positions, ms)),
-                         o1_ratio=ms[-1] / ms[0], tokens_per_s=tps))
+                         o1_ratio=ms[-1] / ms[0], tokens_per_s={b: t[0] for b, t in timed.items()},
+                         prefill_ms={b: t[1] for b, t in timed.items()}))
     print(f"\ndecoding, {dtype}, {device_name(a.device)}; prompt {prompt_len}, {new_tokens} new tokens")
     head = f"{'model':26s} {'params':>8s} " + " ".join(f"{'ms@' + str(p):>9s}" for p in positions)
     head += f" {'last/first':>10s} " + " ".join(f"{'tok/s b' + str(b):>11s}" for b in batches)
+    head += " " + " ".join(f"{'prefill b' + str(b):>11s}" for b in batches)
     print(head)
     for r in rows:
         line = f"{r['model']:26s} {r['params'] / 1e6:7.1f}M " + " ".join(
             f"{r['ms_per_token'][p]:9.3f}" for p in positions)
         line += f" {r['o1_ratio']:10.2f} " + " ".join(f"{r['tokens_per_s'][b]:11.0f}" for b in batches)
+        line += " " + " ".join(f"{r['prefill_ms'][b]:8.1f} ms" for b in batches)
         print(line)
     write_json(f"decode_{a.device}.json", dict(device=device_name(a.device), dim=dim, dtype=str(dtype),
                                                prompt_len=prompt_len, new_tokens=new_tokens, rows=rows))

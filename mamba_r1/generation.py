@@ -6,6 +6,8 @@ state, constant size) or a KVCache (grows with the context), and each row's posi
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +81,9 @@ class GenerationMixin:
         token costs O(1) per Mamba layer. Rows that emit ``eos_token_id`` continue with it until all rows are done.
         ``temperature=0`` is greedy. Batched, left-padded prompts give the same tokens as each prompt alone.
         ``cuda_graph=True`` (CUDA, models without attention layers) captures one decoding step as a CUDA graph and
-        replays it per token, removing the launch overhead that dominates small-batch decoding."""
+        replays it per token, removing the launch overhead that dominates small-batch decoding. The graph is kept for
+        later calls with the same batch size (the last few sizes); it reads the weights where they live, so in-place
+        updates (an optimizer step, ``load_state_dict``) are seen, and moved ones (``.to()``) make it capture anew."""
         if self.embedding is None:
             raise ValueError("generate needs a model with vocab_size set (token ids in, logits out)")
         if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dim() != 2:
@@ -115,7 +119,7 @@ class GenerationMixin:
         cache = self.allocate_cache(batch, max_seqlen=prompt_len + max_new_tokens)
         try:
             logits = self(input_ids, mask=mask, cache=cache)[:, -1]  # (batch, vocab)
-            step = self.step if not cuda_graph else _GraphedStep(self, cache)
+            step = self.step if not cuda_graph else _graphed_step(self, cache)
             out = [input_ids]
             done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
             for i in range(max_new_tokens):
@@ -133,11 +137,43 @@ class GenerationMixin:
         return torch.cat(out, dim=1)
 
 
+# Captured decode graphs per model (weak keys: a model that is dropped takes its graphs with it; and nothing here
+# is copied by deepcopy or pickled with the model). Per model: batch size -> (weights key, _GraphedStep), the most
+# recently used last.
+_DECODE_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+MAX_GRAPHS_PER_MODEL = 4
+
+
+def _weights_key(model) -> tuple:
+    """Where every parameter and buffer lives: a graph reads them by address, so it follows in-place updates (an
+    optimizer step, ``load_state_dict``) by itself, and only new storage (``.to()``, a reassigned parameter) needs a
+    new capture. That holds because a step derives nothing from a parameter outside the graph (A_log goes raw into the
+    state-update kernel)."""
+    return tuple((t.data_ptr(), t.dtype, t.shape) for t in (*model.parameters(), *model.buffers()))
+
+
+def _graphed_step(model, prefilled: InferenceCache) -> _GraphedStep:
+    """The model's captured step for this batch size, captured now if there is none or the weights changed; loaded
+    with the prefilled cache."""
+    graphs = _DECODE_GRAPHS.setdefault(model, OrderedDict())
+    batch, key = prefilled.batch_size, _weights_key(model)
+    entry = graphs.pop(batch, None)
+    if entry is None or entry[0] != key:
+        entry = None  # drop the stale graph (and its memory pool) before capturing a new one
+        entry = (key, _GraphedStep(model, prefilled))
+    graphs[batch] = entry
+    while len(graphs) > MAX_GRAPHS_PER_MODEL:
+        graphs.popitem(last=False)
+    entry[1].load(prefilled)
+    return entry[1]
+
+
 class _GraphedStep:
     """model.step(token, cache) captured once as a CUDA graph over a cache of its own, then replayed per token.
 
-    Every tensor a step touches lives at a fixed address: the token buffer, the graph's cache (the prefilled cache is
-    copied into it), the logits. Valid because a Mamba step updates its state in place and never syncs with the host.
+    Every tensor a step touches lives at a fixed address: the token buffer, the graph's cache (``load`` copies a
+    prefilled cache into it), the logits. Valid because a Mamba step updates its state in place and never syncs with
+    the host.
     """
 
     def __init__(self, model, prefilled: InferenceCache):
@@ -153,6 +189,9 @@ class _GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = model.step(self.token, self.cache)
+
+    def load(self, prefilled: InferenceCache) -> None:
+        """Continue from ``prefilled``: its states and positions copied into the graph's cache."""
         for mine, theirs in zip(self.cache.states, prefilled.states):
             mine.conv_state.copy_(theirs.conv_state)
             mine.ssm_state.copy_(theirs.ssm_state)

@@ -407,3 +407,53 @@ def test_example_rejects_a_checkpoint_that_is_not_byte_level(example, tmp_path):
     tiny_model().save_pretrained(tmp_path)
     with pytest.raises(SystemExit):
         example(["--checkpoint", str(tmp_path)])
+
+
+def test_weights_key_moves_when_a_weight_moves_and_only_then():
+    """The key a kept CUDA graph is checked against: it reads weights by address, so in-place updates keep it."""
+    from mamba_r1.generation import _weights_key
+
+    model = tiny_model(ffn="none")
+    key = _weights_key(model)
+    model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, temperature=0)
+    changes = [
+        lambda m: None,  # generating changes nothing
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1).step(),
+        lambda m: m.load_state_dict(copy.deepcopy(m.state_dict())),  # copies in place
+        lambda m: m.layers[0].mixer.A_log.data.add_(1.0),
+        lambda m: m.to(torch.float64),  # new storage
+        lambda m: setattr(m.layers[0].mixer, "D", torch.nn.Parameter(m.layers[0].mixer.D.clone())),
+    ]
+    moved = []
+    for change in changes:
+        change(model)
+        moved.append(_weights_key(model) != key)
+        key = _weights_key(model)
+    assert moved == [False, False, False, False, True, True]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("scan_backend", ["torch", "triton"])
+def test_cuda_graph_generation_is_kept_between_calls_and_follows_weight_changes(scan_backend):
+    from mamba_r1.generation import _DECODE_GRAPHS
+
+    model = tiny_model(ffn="none", device="cuda", scan_backend=scan_backend)
+    prompt = torch.randint(0, VOCAB, (2, 7), device="cuda")
+    want = model.generate(prompt, max_new_tokens=6, temperature=0)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, temperature=0, cuda_graph=True), want)
+    graph = _DECODE_GRAPHS[model][2][1]
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, temperature=0, cuda_graph=True), want)
+    assert _DECODE_GRAPHS[model][2][1] is graph  # kept, not captured again
+    with torch.no_grad():
+        for layer in model.layers:  # in place: the kept graph reads the new values
+            layer.mixer.A_log.data.add_(1.0)
+            layer.mixer.out_proj.weight.mul_(-1.0)
+    changed = model.generate(prompt, max_new_tokens=6, temperature=0)
+    assert not torch.equal(changed, want)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, temperature=0, cuda_graph=True), changed)
+    assert _DECODE_GRAPHS[model][2][1] is graph
+    model.to(torch.bfloat16)  # moved: captured anew
+    want = model.generate(prompt, max_new_tokens=6, temperature=0)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, temperature=0, cuda_graph=True), want)
+    assert _DECODE_GRAPHS[model][2][1] is not graph
+    copy.deepcopy(model)  # the kept graphs live outside the model

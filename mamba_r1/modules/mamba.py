@@ -349,26 +349,11 @@ class MambaBlock(nn.Module):
             # As in forward's _ssm_params (rounded to the activation dtype), broadcast over rows without a copy.
             B = self.B.to(u.dtype).expand(batch, -1)  # (batch, d_state)
             C = self.C.to(u.dtype).expand(batch, -1)
-        y = selective_state_update(state.ssm_state, u, dt, self._A_for_step(), B, C, D=self.D, z=z,
-                                   dt_bias=dt_bias, dt_softplus=True, backend=backend)  # (batch, d_inner)
+        # A_log goes in raw: the kernel takes -exp of it as it loads, so nothing derived from a parameter outlives
+        # the step (a captured CUDA graph stays valid across in-place weight updates).
+        y = selective_state_update(state.ssm_state, u, dt, self.A_log, B, C, D=self.D, z=z, dt_bias=dt_bias,
+                                   dt_softplus=True, backend=backend, A_is_log=True)  # (batch, d_inner)
         return self.out_proj(y), state
-
-    def _A_for_step(self) -> torch.Tensor:  # (d_inner, d_state) float32
-        """A = -exp(A_log), kept between decode steps while A_log is unchanged (two kernels per layer per token saved).
-
-        The key is A_log's in-place version counter and storage, so an optimizer step, ``load_state_dict`` or ``.to()``
-        all invalidate it. When autograd would track A_log, or under torch.compile, the value is recomputed.
-        A CUDA-graphed decode loop (generation._GraphedStep) runs eager warm-up steps first, so the cached tensor
-        exists before capture and the graph reads it in place.
-        """
-        if (torch.is_grad_enabled() and self.A_log.requires_grad) or torch.compiler.is_compiling():
-            # Under torch.compile the two ops fuse into the graph anyway, and the cache's Python state would break it.
-            return -torch.exp(self.A_log.float())
-        key = (self.A_log._version, self.A_log.data_ptr(), self.A_log.device, self.A_log.dtype)
-        if getattr(self, "_A_step_key", None) != key:
-            self._A_step = -torch.exp(self.A_log.detach().float())
-            self._A_step_key = key
-        return self._A_step
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "

@@ -109,10 +109,12 @@ def selective_state_update_ref(
     z: torch.Tensor | None = None,  # (batch, dim)
     dt_bias: torch.Tensor | None = None,  # (dim,)
     dt_softplus: bool = False,
+    A_is_log: bool = False,
 ) -> torch.Tensor:  # (batch, dim) in x's dtype
     """The one-token update in plain PyTorch: the specification of the fused kernel. Inputs are trusted (checked
     by ``selective_state_update``). Differentiable in every input but ``state``."""
     dim = state.shape[1]
+    A_f = -torch.exp(A.float()) if A_is_log else A.float()  # (dim, d_state)
     x_f = x.float()  # (batch, dim)
     dt_f = dt.float()  # (batch, dim)
     if dt_bias is not None:
@@ -124,7 +126,7 @@ def selective_state_update_ref(
     C_f = _per_channel(C, dim)
 
     # Same operation order as ref.py's loop body, so decoding reproduces a prefill to rounding.
-    state.mul_(torch.exp(dt_f * A.float())).add_(dt_f * B_f * rearrange(x_f, "batch dim -> batch dim 1"))
+    state.mul_(torch.exp(dt_f * A_f)).add_(dt_f * B_f * rearrange(x_f, "batch dim -> batch dim 1"))
     y = (state * C_f).sum(-1)  # (batch, dim)
     if D is not None:
         y = y + D.float() * x_f
@@ -174,7 +176,7 @@ def _state_update_kernel(
     stride_z_batch, stride_z_dim,
     stride_out_batch, stride_out_dim,
     HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    A_IS_LOG: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (block of BLOCK_D channels, batch row); the (BLOCK_D, BLOCK_N) state tile lives in
     registers between its load and its store."""
@@ -200,6 +202,9 @@ def _state_update_kernel(
                   + offs_n[None, :] * stride_state_n)
     h = tl.load(state_ptrs, mask=mask_dn, other=0.0)
     A = tl.load(A_ptr + offs_d[:, None] * stride_A_dim + offs_n[None, :] * stride_A_n, mask=mask_dn, other=0.0)
+    A = A.to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)
     group_B = offs_d // dim_per_group_B
     B = tl.load(B_ptr + pid_batch * stride_B_batch + group_B[:, None] * stride_B_group + offs_n[None, :] * stride_B_n,
                 mask=mask_dn, other=0.0).to(tl.float32)
@@ -208,7 +213,7 @@ def _state_update_kernel(
                 mask=mask_dn, other=0.0).to(tl.float32)
 
     # Same operation order as the reference: h * exp(dt * A) + (dt * B) * x.
-    h = h * tl.exp(dt[:, None] * A.to(tl.float32)) + dt[:, None] * B * x[:, None]
+    h = h * tl.exp(dt[:, None] * A) + dt[:, None] * B * x[:, None]
     tl.store(state_ptrs, h, mask=mask_dn)
 
     y = tl.sum(h * C, axis=1)  # (BLOCK_D,)
@@ -243,6 +248,7 @@ def _state_update_triton(
     z: torch.Tensor | None,  # (batch, dim)
     dt_bias: torch.Tensor | None,  # (dim,)
     dt_softplus: bool,
+    A_is_log: bool,
 ) -> torch.Tensor:  # (batch, dim) in x's dtype
     """Launch the fused kernel: one launch, no allocation but the output, no host sync (CUDA-graph capturable)."""
     interpreting = _interpreting()
@@ -269,7 +275,7 @@ def _state_update_triton(
         z_arg.stride(0), z_arg.stride(1),
         out.stride(0), out.stride(1),
         HAS_DT_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None, DT_SOFTPLUS=bool(dt_softplus),
-        BLOCK_D=block_d, BLOCK_N=block_n,
+        A_IS_LOG=bool(A_is_log), BLOCK_D=block_d, BLOCK_N=block_n,
         num_warps=num_warps,
     )
     return out if out.dtype == x.dtype else out.to(x.dtype)
@@ -290,12 +296,16 @@ def selective_state_update(
     dt_bias: torch.Tensor | None = None,  # (dim,)
     dt_softplus: bool = False,
     backend: str = "auto",
+    *,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """Advance ``state`` by one token in place and return that token's output (batch, dim) in x's dtype.
 
     Running it over tokens t = 0..T-1 gives the same outputs and final state as ``selective_scan`` over those T
     tokens with ``initial_state=state`` (the layouts differ only by the missing seqlen axis).
     Every input but ``state`` may have any float dtype and any strides; the computation is float32.
+    ``A_is_log=True``: ``A`` holds log(-A) (a Mamba block's ``A_log``) and the decay uses -exp(A), computed as it is
+    read, so a decode step needs no kernel of its own for it and nothing derived from the parameter is kept.
 
     ``backend``: "torch" (plain PyTorch), "triton" (one fused kernel; CUDA, or CPU under TRITON_INTERPRET=1) or
     "auto" (triton on CUDA tensors, torch otherwise). The kernel has no backward, so when grad mode is on and an
@@ -309,8 +319,9 @@ def selective_state_update(
         logger.debug("selective_state_update: an input requires grad, taking the differentiable torch path")
         name = "torch"
     if name == "torch":
-        return selective_state_update_ref(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
-    return _state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        return selective_state_update_ref(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                          A_is_log=A_is_log)
+    return _state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log)
 
 
 __all__ = ["selective_state_update", "selective_state_update_ref", "BACKENDS"]

@@ -226,6 +226,24 @@ def test_triton_matches_torch_reference(dtype, param_dtype, batch, dim, d_state,
     assert rel_err(out, ref_out) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim, d_state", [(5, 3), (12, 16)])
+def test_A_is_log_equals_passing_minus_exp_of_it(backend, param_dtype, dim, d_state):
+    """A_is_log=True with A_log gives what A = -exp(A_log), computed in float32, gives (a Mamba block's decode)."""
+    args = make_step_inputs(2, dim, d_state, 0, 0, torch.bfloat16, param_dtype)
+    A_log = torch.log(-args["A"].float()).to(param_dtype)
+    want_state = args["state"].clone()
+    want = selective_state_update(**{**args, "state": want_state, "A": -torch.exp(A_log.float())}, dt_softplus=True,
+                                  backend=backend)
+    state = args["state"].clone()
+    got = selective_state_update(**{**args, "state": state, "A": A_log}, dt_softplus=True, backend=backend,
+                                 A_is_log=True)
+    assert rel_err(state, want_state) <= TOL[torch.float32]
+    assert rel_err(got, want) <= TOL[torch.bfloat16]
+    assert rel_err(state, args["state"]) > 1e-3  # the step did move the state
+
+
 @settings(deadline=None, max_examples=6)
 @given(seqlen=st.sampled_from([1, 2, 7]), d_state=st.sampled_from([4, 16]), softplus=st.booleans())
 def test_triton_steps_match_sequential_scan(seqlen, d_state, softplus):
