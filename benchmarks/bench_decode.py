@@ -10,6 +10,7 @@ SDPA, dense MLP), all built from this library. TARGETS.md: mamba-ssm 130M with C
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -115,8 +116,12 @@ def main():
 
     tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-4
     for kind, graph in variants:
-        err = check_steps(models[kind], a.device, graph)
-        print(f"{kind + (' +cuda graph' if graph else ''):26s} decode vs full forward: relative error {err:.1e}")
+        # With experts, bf16 rounding differences between the parallel forward and the steps flip near-tied routing
+        # decisions (a whole expert's output changes): the MoE model's decoding is checked on a float32 copy.
+        checked = models[kind] if kind != "mamba-moe" else copy.deepcopy(models[kind]).float()
+        err = check_steps(checked, a.device, graph)
+        note = " (float32 copy)" if checked is not models[kind] else ""
+        print(f"{kind + (' +cuda graph' if graph else ''):26s} decode vs full forward: relative error {err:.1e}{note}")
         if not err <= tolerance:
             sys.exit(f"decode does not match the full forward ({err:.1e} > {tolerance:.0e}): not timing it")
 

@@ -28,7 +28,8 @@ for w in $what; do
               tests/ops/test_selective_scan.py tests/modules/test_moe.py 2>&1 | tail -15 | tee "$OUT/tests.log" ;;
     # The decode and conv kernels plus the block and generation tests only (about a minute on an H200).
     quicktests) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_causal_conv1d.py \
-              tests/ops/test_state_update.py tests/modules/test_mamba.py tests/test_generation.py --tb=short 2>&1 | tail -80 \
+              tests/ops/test_state_update.py tests/modules/test_mamba.py tests/test_generation.py \
+              --tb=short -p no:logging 2>&1 | tail -80 \
               | tee "$OUT/quicktests.log" ;;
     scan)   python3 benchmarks/bench_scan.py --device cuda --preset targets --out "$OUT/scan_cuda.json" 2>&1 | tee "$OUT/scan.log" ;;
     block)  python3 benchmarks/bench_block.py --device cuda 2>&1 | tee "$OUT/block.log" ;;

@@ -522,4 +522,8 @@ def test_block_on_fused_kernels_compiles_with_fullgraph():
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     got, want = compiled(x), block(x)
     assert torch.equal(got, want)
-    assert torch.equal(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0])
+    grad, want_grad = torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0]
+    if DEVICE == "cpu":
+        assert torch.equal(grad, want_grad)
+    else:  # on CUDA the scan sums dB / dC with float32 atomics, in no fixed order
+        assert rel_err(grad, want_grad) <= F32
