@@ -2,7 +2,9 @@
 
 Input as MambaBlock makes it: x a channel slice of in_proj's (batch, 2 * dim, seqlen) output, bf16, width 4.
 Checks both against the float64 reference first, then times forward and forward+backward; with --sweep it also tries
-the kernels' block sizes (channels x time steps x warps per program).
+the block sizes (channels x time steps x warps per program) of each kernel in turn, the forward, backward pass 1
+(dpre and the weight/bias partials) and pass 2 (dx), the others staying at the module's table, and both dtypes of
+the dpre buffer between the passes. Every configuration is checked for correctness before it is timed.
     python benchmarks/bench_conv.py [--sweep]
 """
 
@@ -22,7 +24,22 @@ from common import device_name, median_ms, write_json  # noqa: E402
 from mamba_r1.ops import causal_conv1d  # noqa: E402
 
 conv_module = importlib.import_module("mamba_r1.ops.causal_conv1d")
-SWEEP = [(8, 128, 4), (4, 256, 4), (16, 128, 4), (4, 512, 4), (8, 256, 8), (2, 512, 4), (2, 1024, 8), (1, 1024, 4)]
+TILES = [(8, 128, 4), (4, 256, 4), (16, 128, 4), (4, 512, 4), (8, 256, 8), (2, 512, 4), (2, 1024, 8), (1, 1024, 4)]
+# kernel -> the module constants holding its (BLOCK_D, BLOCK_L, num_warps) on CUDA, and the tiles to try.
+SWEEP = {
+    "fwd": (("FWD_BLOCK_D_CUDA", "FWD_BLOCK_L_CUDA", "FWD_WARPS_CUDA"), TILES),
+    "bwd_dpre": (("BWD_DPRE_BLOCK_D_CUDA", "BWD_DPRE_BLOCK_L_CUDA", "BWD_DPRE_WARPS_CUDA"), TILES),
+    "bwd_dx": (("BWD_DX_BLOCK_D_CUDA", "BWD_DX_BLOCK_L_CUDA", "BWD_DX_WARPS_CUDA"), TILES),
+}
+
+
+def sweep_configs():
+    """(label, {module constant: value}) rows: the table, then one kernel's tile or the dpre dtype changed at a time."""
+    yield "table", {}
+    for kernel, (names, tiles) in SWEEP.items():
+        for tile in tiles:
+            yield f"{kernel} {tile}", dict(zip(names, tile))
+    yield "dpre in x's dtype", {"BWD_DPRE_FLOAT32": False}
 
 
 def cudnn(x, w, b):
@@ -73,15 +90,18 @@ def main():
         return causal_conv1d(inp, w_, b_, silu=True, backend="triton")
 
     rows = []
-    configs = SWEEP if a.sweep else [None]
-    for cfg in configs:
-        if cfg is not None:
-            conv_module.FWD_BLOCK_D_CUDA, conv_module.FWD_BLOCK_L_CUDA, conv_module.FWD_WARPS_CUDA = cfg
-            conv_module.BWD_BLOCK_D_CUDA, conv_module.BWD_BLOCK_L_CUDA, conv_module.BWD_WARPS_CUDA = cfg
-        fwd_err, grad_err = check()
-        t = timings(fused, x_slice) if max(fwd_err, grad_err) < 1e-2 else (float("nan"), float("nan"))
-        rows.append(dict(impl=f"triton {cfg or 'table'}", fwd_ms=t[0], fwd_bwd_ms=t[1], fwd_err=fwd_err,
-                         grad_err=grad_err))
+    configs = sweep_configs() if a.sweep else [("table", {})]
+    for label, cfg in configs:
+        table = {name: getattr(conv_module, name) for name in cfg}
+        for name, value in cfg.items():
+            setattr(conv_module, name, value)
+        try:
+            fwd_err, grad_err = check()
+            t = timings(fused, x_slice) if max(fwd_err, grad_err) < 1e-2 else (float("nan"), float("nan"))
+        finally:
+            for name, value in table.items():
+                setattr(conv_module, name, value)
+        rows.append(dict(impl=f"triton {label}", fwd_ms=t[0], fwd_bwd_ms=t[1], fwd_err=fwd_err, grad_err=grad_err))
         print(rows[-1], flush=True)
     t = timings(cudnn, x_slice)
     rows.append(dict(impl="cuDNN F.conv1d + F.silu", fwd_ms=t[0], fwd_bwd_ms=t[1]))

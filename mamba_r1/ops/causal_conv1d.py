@@ -5,7 +5,7 @@
     out[b, d, t] = act(bias[d] + sum_k weight[d, k] * xpad[b, d, t + k])
 so weight[:, -1] multiplies the current step, exactly F.conv1d(x, weight[:, None], bias, padding=width - 1,
 groups=dim)[..., :seqlen]. Backends "torch" (``causal_conv1d_ref``, F.conv1d, the specification), "triton" (a fused
-forward and a fused backward kernel, wrapped as custom ops with autograd), "auto" (triton on CUDA tensors, torch
+forward kernel and a two-kernel backward, wrapped as custom ops with autograd), "auto" (triton on CUDA tensors, torch
 otherwise). The kernels read x in place through its strides (a channel slice of in_proj's output, a permuted
 buffer), where cuDNN's depthwise conv needs a contiguous copy and spends most of a training step's conv time in
 its backward.
@@ -204,7 +204,7 @@ def causal_conv1d_update(
 
 # ================================================================================ whole sequence (training, prefill)
 
-# Largest width the Triton kernels accept: the backward unrolls width x width shifted loads (Mamba uses 4).
+# Largest width the Triton kernels accept: each unrolls one shifted load per tap (Mamba uses 4), tested up to here.
 MAX_TRITON_WIDTH = 8
 
 
@@ -260,21 +260,29 @@ def causal_conv1d_ref(
 
 # ---------------------------------------------------------------------------------------------- Triton kernels
 
-# (channels, time steps) per program and warps. Time is the contiguous axis, so BLOCK_L carries the coalescing.
-# Measured with `benchmarks/bench_conv.py --sweep` on an H200 (2026-11-30; 8 x 2048 x 2048, width 4, bf16 x a channel
-# slice of a wider tensor), same row for both kernels, fwd / fwd+bwd ms: (8, 128, 4) 0.122 / 0.919, (4, 256, 4)
-# 0.062 / 0.844, (16, 128, 4) 0.061 / 1.046, (4, 512, 4) 0.127 / 0.740, (8, 256, 8) 0.097 / 0.689, (2, 512, 4)
-# 0.105 / 0.685, (2, 1024, 8) 0.069 / 0.988, (1, 1024, 4) 0.058 / 0.881; cuDNN's F.conv1d + F.silu 0.516 / 1.370.
-# Hence forward (4, 256, 4), backward (2, 512, 4) (about 0.58 ms of the 0.685). Compiled for sm_90 without running,
-# at width 4 the backward holds 111 registers per thread at (8, 128): no spills. The backward unrolls width x width
-# loads that the compiler hoists, so at width 8 it spills at that tile and wide kernels get half the tile per thread
-# (188 registers, no spill).
+# (channels, time steps) per program and warps of each kernel. Time is the contiguous axis, so BLOCK_L carries the
+# coalescing. Forward measured with `benchmarks/bench_conv.py --sweep` on an H200 (2026-11-30; 8 x 2048 x 2048, width
+# 4, bf16 x a channel slice of a wider tensor), fwd ms: (8, 128, 4) 0.122, (4, 256, 4) 0.062, (16, 128, 4) 0.061,
+# (4, 512, 4) 0.127, (8, 256, 8) 0.097, (2, 512, 4) 0.105, (2, 1024, 8) 0.069, (1, 1024, 4) 0.058; cuDNN's F.conv1d +
+# F.silu 0.516 (1.370 fwd+bwd). Hence (4, 256, 4).
 FWD_BLOCK_D_CUDA, FWD_BLOCK_L_CUDA, FWD_WARPS_CUDA = 4, 256, 4
-BWD_BLOCK_D_CUDA, BWD_BLOCK_L_CUDA, BWD_WARPS_CUDA = 2, 512, 4
-# Widths >= 6 (not Mamba's 4; untimed): the tile compiled without spills.
-BWD_WIDE_MIN_WIDTH, BWD_WIDE_BLOCK_D_CUDA, BWD_WIDE_BLOCK_L_CUDA, BWD_WIDE_WARPS_CUDA = 6, 4, 128, 8
-# Under the interpreter: tiny blocks, so the small test shapes cross channel and time block edges.
+# The backward is two stencils shaped like the forward. Pass 1 ("dpre") reads dout and x once, recomputes the
+# pre-activation once, writes dpre = dout * act'(pre) and each program's dweight / dbias partials; pass 2 ("dx") reads
+# dpre back as WIDTH shifted tiles and writes dx and d initial_state. The single-pass kernel they replace recomputed
+# dpre at each of the WIDTH taps (WIDTH^2 loads and FMAs per element): about 0.62 ms of a 0.685 ms fwd+bwd at its
+# best tile (2, 512, 4), some 10x the time of its bytes. Both passes start at the forward's tile, untimed. Compiled for
+# sm_90 without running (bf16 x and weight, bias, silu): at width 4 pass 1 holds 80 registers per thread (127 with an
+# initial state; the forward 64), pass 2 63; at width 8 with an initial state 249 and 142. No spills.
+BWD_DPRE_BLOCK_D_CUDA, BWD_DPRE_BLOCK_L_CUDA, BWD_DPRE_WARPS_CUDA = 4, 256, 4
+BWD_DX_BLOCK_D_CUDA, BWD_DX_BLOCK_L_CUDA, BWD_DX_WARPS_CUDA = 4, 256, 4
+# dpre between the passes: float32 (True), or x's dtype (False: for bf16 x, 4 of the backward's 14 bytes per element
+# saved, at one more rounding of dpre on its way to dx; dweight and dbias always sum the float32 dpre).
+BWD_DPRE_FLOAT32 = True
+# Under the interpreter: tiny blocks, so the small test shapes cross channel and time block edges. Pass 2 gets other
+# blocks than pass 1, with time blocks shorter than a wide kernel's reach, so its shifted reads of dpre cross the
+# edges of several pass-1 blocks.
 BLOCK_D_SEQ_INTERPRET, BLOCK_L_SEQ_INTERPRET = 2, 4
+BWD_DX_BLOCK_D_INTERPRET, BWD_DX_BLOCK_L_INTERPRET = 4, 2
 
 
 @_jit
@@ -352,48 +360,76 @@ def _causal_conv1d_fwd_kernel(
 
 
 @_jit
-def _grad_pre_activation(
-    dout_rows, x_rows, init_rows, weight_rows, bias_ptr,  # (BLOCK_D,) row pointers; bias_ptr: the bias vector
-    offs_d, mask_d, offs_t,  # channels (BLOCK_D,), times (T,)
-    seqlen, stride_dout_time, stride_x_time, stride_init_k, stride_weight_k,
-    HAS_BIAS: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,
-):
-    """(BLOCK_D, T) float32 tile of dpre = dout * act'(pre) at times offs_t (zero outside the sequence), with the
-    pre-activation recomputed rather than saved by the forward."""
-    in_seq = (offs_t >= 0) & (offs_t < seqlen)
-    dpre = tl.load(dout_rows[:, None] + offs_t[None, :] * stride_dout_time, mask=mask_d[:, None] & in_seq[None, :],
-                   other=0.0).to(tl.float32)
-    if SILU:
-        pre = _pre_activation(x_rows, init_rows, weight_rows, bias_ptr, offs_d, mask_d, offs_t, seqlen,
-                              stride_x_time, stride_init_k, stride_weight_k, HAS_BIAS, HAS_INITIAL_STATE, WIDTH)
-        sig = tl.sigmoid(pre)
-        dpre = dpre * sig * (1.0 + pre * (1.0 - sig))  # d/dp [p * sigmoid(p)]
-    return dpre
-
-
-@_jit
-def _causal_conv1d_bwd_kernel(
+def _causal_conv1d_bwd_dpre_kernel(
     dout_ptr, x_ptr, weight_ptr, bias_ptr, init_ptr,  # inputs, any float dtype and strides
-    dx_ptr,  # (batch, dim, seqlen) contiguous
+    dpre_ptr,  # (batch, dim, seqlen) contiguous, float32 or x's dtype
     dweight_part_ptr,  # (batch * n_blocks_l, dim, WIDTH) float32: this program's sum over its times
     dbias_part_ptr,  # (batch * n_blocks_l, dim) float32
-    dinit_ptr,  # (batch, dim, WIDTH - 1) contiguous float32
     dim, seqlen, n_blocks_l,
     stride_dout_batch, stride_dout_dim, stride_dout_time,
     stride_x_batch, stride_x_dim, stride_x_time,
     stride_weight_dim, stride_weight_k,
     stride_init_batch, stride_init_dim, stride_init_k,
-    stride_dx_batch, stride_dx_dim,
     HAS_BIAS: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """One program per (block of BLOCK_L time steps, block of BLOCK_D channels, batch row), as the forward.
+    """Backward pass 1. One program per (block of BLOCK_L time steps, block of BLOCK_D channels, batch row), as the
+    forward: dpre = dout * act'(pre) on its tile, and its partial sums dweight[k] = sum_t dpre[t] * xpad[t + k],
+    dbias = sum_t dpre[t]. xpad's times before 0 are initial_state's columns, so dweight sees them too."""
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_batch = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_w = tl.arange(0, BLOCK_W)
+    mask_d = offs_d < dim
+    rows = offs_d.to(tl.int64)
+    # (BLOCK_D,) pointers to time 0 (column 0, tap 0) of these channels' rows in each input.
+    dout_rows = dout_ptr + pid_batch * stride_dout_batch + rows * stride_dout_dim
+    x_rows = x_ptr + pid_batch * stride_x_batch + rows * stride_x_dim
+    init_rows = init_ptr + pid_batch * stride_init_batch + rows * stride_init_dim
+    weight_rows = weight_ptr + rows * stride_weight_dim
 
-    With dpre = dout * act'(pre):  dx[t] = sum_s weight[WIDTH - 1 - s] * dpre[t + s]  (a time reaches the outputs
-    of the next WIDTH steps), dweight[k] = sum_t dpre[t] * xpad[t + k], dbias = sum_t dpre[t]. dpre at the shifted
-    times t + s is recomputed from x (WIDTH x WIDTH loads of one window, cache hits) instead of exchanged between
-    programs. The programs of the first time block also write d initial_state: dx at times -(WIDTH - 1)..-1.
-    """
+    in_seq = offs_l < seqlen
+    dpre = tl.load(dout_rows[:, None] + offs_l[None, :] * stride_dout_time, mask=mask_d[:, None] & in_seq[None, :],
+                   other=0.0).to(tl.float32)  # zero past the sequence: adds nothing to the sums below
+    if SILU:
+        pre = _pre_activation(x_rows, init_rows, weight_rows, bias_ptr, offs_d, mask_d, offs_l, seqlen,
+                              stride_x_time, stride_init_k, stride_weight_k, HAS_BIAS, HAS_INITIAL_STATE, WIDTH)
+        sig = tl.sigmoid(pre)
+        dpre = dpre * sig * (1.0 + pre * (1.0 - sig))  # d/dp [p * sigmoid(p)]
+
+    # Column k of dweight's (BLOCK_D, BLOCK_W) tile is tap k's sum; stored once, after every load of x.
+    dweight = tl.zeros((BLOCK_D, BLOCK_W), dtype=tl.float32)
+    for k in tl.static_range(WIDTH):
+        xk = _load_xpad(x_rows, init_rows, mask_d, offs_l + (k - (WIDTH - 1)), seqlen, stride_x_time, stride_init_k,
+                        HAS_INITIAL_STATE, WIDTH)
+        dweight = tl.where(offs_w[None, :] == k, tl.sum(dpre * xk, axis=1)[:, None], dweight)
+    part = pid_batch * n_blocks_l + pid_l
+    tl.store(dweight_part_ptr + (part * dim + rows[:, None]) * WIDTH + offs_w[None, :], dweight,
+             mask=mask_d[:, None] & (offs_w < WIDTH)[None, :])
+    if HAS_BIAS:
+        tl.store(dbias_part_ptr + part * dim + rows, tl.sum(dpre, axis=1), mask=mask_d)
+    dpre_ptrs = dpre_ptr + (pid_batch * dim + rows[:, None]) * seqlen + offs_l[None, :]
+    tl.store(dpre_ptrs, dpre.to(dpre_ptr.dtype.element_ty), mask=mask_d[:, None] & in_seq[None, :])
+
+
+@_jit
+def _causal_conv1d_bwd_dx_kernel(
+    dpre_ptr,  # (batch, dim, seqlen) contiguous: pass 1's output
+    weight_ptr,  # (dim, WIDTH), any float dtype and strides
+    dx_ptr,  # (batch, dim, seqlen) contiguous, x's kernel dtype
+    dinit_ptr,  # (batch, dim, WIDTH - 1) contiguous float32
+    dim, seqlen,
+    stride_weight_dim, stride_weight_k,
+    HAS_INITIAL_STATE: tl.constexpr, WIDTH: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Backward pass 2, the transposed conv: dx[t] = sum_s weight[WIDTH - 1 - s] * dpre[t + s] (an input reaches the
+    outputs of the next WIDTH steps; dpre is zero past the sequence). One program per (block of BLOCK_L time steps,
+    block of BLOCK_D channels, batch row), reading dpre as WIDTH shifted tiles that reach WIDTH - 1 steps into the
+    next time block (pass 1 has finished all of dpre). The first time block also writes d initial_state[j], dx at
+    time j - (WIDTH - 1)."""
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_batch = tl.program_id(2).to(tl.int64)
@@ -401,47 +437,31 @@ def _causal_conv1d_bwd_kernel(
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_d = offs_d < dim
     rows = offs_d.to(tl.int64)
-    # (BLOCK_D,) pointers to time 0 (column 0, tap 0) of these channels' rows in each tensor.
-    dout_rows = dout_ptr + pid_batch * stride_dout_batch + rows * stride_dout_dim
-    x_rows = x_ptr + pid_batch * stride_x_batch + rows * stride_x_dim
-    init_rows = init_ptr + pid_batch * stride_init_batch + rows * stride_init_dim
+    # (BLOCK_D, 1) offsets of time 0 of these channels' rows in dpre and dx (one layout); (BLOCK_D,) tap-0 pointers.
+    row_starts = (pid_batch * dim + rows[:, None]) * seqlen
     weight_rows = weight_ptr + rows * stride_weight_dim
 
-    # dpre at this program's own times: the s = 0 term of dx and all of dweight / dbias.
-    dpre = _grad_pre_activation(dout_rows, x_rows, init_rows, weight_rows, bias_ptr, offs_d, mask_d, offs_l, seqlen,
-                                stride_dout_time, stride_x_time, stride_init_k, stride_weight_k,
-                                HAS_BIAS, HAS_INITIAL_STATE, SILU, WIDTH)
-    tap = tl.load(weight_rows + (WIDTH - 1) * stride_weight_k, mask=mask_d, other=0.0).to(tl.float32)
-    dx = tap[:, None] * dpre
-    for s in tl.static_range(1, WIDTH):
+    dx = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    for s in tl.static_range(WIDTH):
         tap = tl.load(weight_rows + (WIDTH - 1 - s) * stride_weight_k, mask=mask_d, other=0.0).to(tl.float32)
-        dx += tap[:, None] * _grad_pre_activation(
-            dout_rows, x_rows, init_rows, weight_rows, bias_ptr, offs_d, mask_d, offs_l + s, seqlen,
-            stride_dout_time, stride_x_time, stride_init_k, stride_weight_k, HAS_BIAS, HAS_INITIAL_STATE, SILU, WIDTH)
-    dx_ptrs = dx_ptr + pid_batch * stride_dx_batch + rows[:, None] * stride_dx_dim + offs_l[None, :]
-    tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask_d[:, None] & (offs_l < seqlen)[None, :])
-
-    # Per-program partial sums over this tile's times (dpre is zero past the sequence); torch adds the partials.
-    part = pid_batch * n_blocks_l + pid_l
-    for k in tl.static_range(WIDTH):
-        xk = _load_xpad(x_rows, init_rows, mask_d, offs_l + (k - (WIDTH - 1)), seqlen, stride_x_time, stride_init_k,
-                        HAS_INITIAL_STATE, WIDTH)
-        tl.store(dweight_part_ptr + (part * dim + rows) * WIDTH + k, tl.sum(dpre * xk, axis=1), mask=mask_d)
-    if HAS_BIAS:
-        tl.store(dbias_part_ptr + part * dim + rows, tl.sum(dpre, axis=1), mask=mask_d)
+        offs_t = offs_l + s
+        dpre = tl.load(dpre_ptr + row_starts + offs_t[None, :], mask=mask_d[:, None] & (offs_t < seqlen)[None, :],
+                       other=0.0).to(tl.float32)
+        dx += tap[:, None] * dpre
+    tl.store(dx_ptr + row_starts + offs_l[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=mask_d[:, None] & (offs_l < seqlen)[None, :])
 
     if HAS_INITIAL_STATE:
         if pid_l == 0:
-            # d initial_state[..., j] is dx at time j - (WIDTH - 1): the same sum over the outputs it reaches.
-            offs_j = tl.arange(0, BLOCK_W)
-            offs_neg = offs_j - (WIDTH - 1)  # (BLOCK_W,) times -(WIDTH - 1).. ; valid where offs_j < WIDTH - 1
+            offs_j = tl.arange(0, BLOCK_W)  # columns of initial_state; valid where offs_j < WIDTH - 1
             dinit = tl.zeros((BLOCK_D, BLOCK_W), dtype=tl.float32)
+            # New names, not tap / offs_t / dpre: a name assigned under a runtime `if` must keep its type and shape.
             for s in tl.static_range(1, WIDTH):
-                tap = tl.load(weight_rows + (WIDTH - 1 - s) * stride_weight_k, mask=mask_d, other=0.0)
-                dinit += tap.to(tl.float32)[:, None] * _grad_pre_activation(
-                    dout_rows, x_rows, init_rows, weight_rows, bias_ptr, offs_d, mask_d, offs_neg + s, seqlen,
-                    stride_dout_time, stride_x_time, stride_init_k, stride_weight_k,
-                    HAS_BIAS, HAS_INITIAL_STATE, SILU, WIDTH)
+                tap_j = tl.load(weight_rows + (WIDTH - 1 - s) * stride_weight_k, mask=mask_d, other=0.0)
+                times_j = offs_j + (s - (WIDTH - 1))  # the time column j's input reaches with tap WIDTH - 1 - s
+                dpre_j = tl.load(dpre_ptr + row_starts + times_j[None, :],
+                                 mask=mask_d[:, None] & ((times_j >= 0) & (times_j < seqlen))[None, :], other=0.0)
+                dinit += tap_j.to(tl.float32)[:, None] * dpre_j.to(tl.float32)
             dinit_ptrs = dinit_ptr + (pid_batch * dim + rows[:, None]) * (WIDTH - 1) + offs_j[None, :]
             tl.store(dinit_ptrs, dinit, mask=mask_d[:, None] & (offs_j < WIDTH - 1)[None, :])
 
@@ -449,14 +469,16 @@ def _causal_conv1d_bwd_kernel(
 # ---------------------------------------------------------------------------------------------- launchers
 
 
-def _seq_blocks(backward: bool, width: int, interpreting: bool) -> tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_L, num_warps) of the forward or backward kernel."""
+def _seq_blocks(kernel: str, interpreting: bool) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_L, num_warps) of kernel "fwd", "bwd_dpre" (backward pass 1) or "bwd_dx" (pass 2)."""
     if interpreting:
+        if kernel == "bwd_dx":
+            return BWD_DX_BLOCK_D_INTERPRET, BWD_DX_BLOCK_L_INTERPRET, 1
         return BLOCK_D_SEQ_INTERPRET, BLOCK_L_SEQ_INTERPRET, 1
-    if backward and width >= BWD_WIDE_MIN_WIDTH:
-        return BWD_WIDE_BLOCK_D_CUDA, BWD_WIDE_BLOCK_L_CUDA, BWD_WIDE_WARPS_CUDA
-    if backward:
-        return BWD_BLOCK_D_CUDA, BWD_BLOCK_L_CUDA, BWD_WARPS_CUDA
+    if kernel == "bwd_dpre":
+        return BWD_DPRE_BLOCK_D_CUDA, BWD_DPRE_BLOCK_L_CUDA, BWD_DPRE_WARPS_CUDA
+    if kernel == "bwd_dx":
+        return BWD_DX_BLOCK_D_CUDA, BWD_DX_BLOCK_L_CUDA, BWD_DX_WARPS_CUDA
     return FWD_BLOCK_D_CUDA, FWD_BLOCK_L_CUDA, FWD_WARPS_CUDA
 
 
@@ -473,7 +495,7 @@ def _causal_conv1d_fwd_triton(x, weight, bias, initial_state, silu: bool) -> Ten
     # Absent optional inputs are never read (their HAS_* flag is False): x stands in for the pointer, strides 0.
     init_arg = init_k if init_k is not None and width > 1 else x_k
     init_strides = init_arg.stride() if init_arg is not x_k else (0, 0, 0)
-    block_d, block_l, num_warps = _seq_blocks(False, width, interpreting)
+    block_d, block_l, num_warps = _seq_blocks("fwd", interpreting)
     grid = (triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d), batch)
     _causal_conv1d_fwd_kernel[grid](
         x_k, weight_k, bias_k if bias_k is not None else x_k, init_arg,
@@ -491,8 +513,8 @@ def _causal_conv1d_fwd_triton(x, weight, bias, initial_state, silu: bool) -> Ten
 
 
 def _causal_conv1d_bwd_triton(dout, x, weight, bias, initial_state, silu: bool):
-    """Launch the backward kernel; returns float32-accumulated (dx in x's kernel dtype, dweight (dim, width) float32,
-    dbias (dim,) float32 or None, dinit (batch, dim, width - 1) float32 or None)."""
+    """Launch the two backward passes; returns float32-accumulated (dx in x's kernel dtype, dweight (dim, width)
+    float32, dbias (dim,) float32 or None, dinit (batch, dim, width - 1) float32 or None)."""
     interpreting = _interpreting()
     check_triton_runtime("causal_conv1d", x.device, interpreting)
     dout_k, x_k, weight_k, bias_k, init_k = (for_kernel(t, interpreting)
@@ -500,10 +522,12 @@ def _causal_conv1d_bwd_triton(dout, x, weight, bias, initial_state, silu: bool):
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
     has_init = initial_state is not None and width > 1
-    block_d, block_l, num_warps = _seq_blocks(True, width, interpreting)
+    block_d, block_l, num_warps = _seq_blocks("bwd_dpre", interpreting)
     n_blocks_l = triton.cdiv(seqlen, block_l)
+    dpre_dtype = torch.float32 if BWD_DPRE_FLOAT32 else x_k.dtype
+    dpre = torch.empty(batch, dim, seqlen, device=x.device, dtype=dpre_dtype)  # (batch, dim, seqlen)
     dx = torch.empty(batch, dim, seqlen, device=x.device, dtype=x_k.dtype)  # (batch, dim, seqlen)
-    # Every element of these is written by the kernel (no memset): one partial row per (batch row, time block).
+    # Every element of these is written by the kernels (no memset): one partial row per (batch row, pass-1 time block).
     dweight_part = torch.empty(batch * n_blocks_l, dim, width, device=x.device, dtype=torch.float32)
     dbias_part = torch.empty(batch * n_blocks_l, dim if bias is not None else 0, device=x.device,
                              dtype=torch.float32)
@@ -511,17 +535,24 @@ def _causal_conv1d_bwd_triton(dout, x, weight, bias, initial_state, silu: bool):
     if x.numel() > 0:
         init_arg = init_k if has_init else x_k
         init_strides = init_arg.stride() if has_init else (0, 0, 0)
-        grid = (n_blocks_l, triton.cdiv(dim, block_d), batch)
-        _causal_conv1d_bwd_kernel[grid](
+        _causal_conv1d_bwd_dpre_kernel[(n_blocks_l, triton.cdiv(dim, block_d), batch)](
             dout_k, x_k, weight_k, bias_k if bias_k is not None else x_k, init_arg,
-            dx, dweight_part, dbias_part, dinit if has_init else dweight_part,
+            dpre, dweight_part, dbias_part,
             dim, seqlen, n_blocks_l,
             dout_k.stride(0), dout_k.stride(1), dout_k.stride(2),
             x_k.stride(0), x_k.stride(1), x_k.stride(2),
             weight_k.stride(0), weight_k.stride(1),
             *init_strides,
-            dx.stride(0), dx.stride(1),
             HAS_BIAS=bias is not None, HAS_INITIAL_STATE=has_init, SILU=silu, WIDTH=width,
+            BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_W=triton.next_power_of_2(width),
+            num_warps=num_warps,
+        )
+        block_d, block_l, num_warps = _seq_blocks("bwd_dx", interpreting)
+        _causal_conv1d_bwd_dx_kernel[(triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d), batch)](
+            dpre, weight_k, dx, dinit if has_init else dpre,
+            dim, seqlen,
+            weight_k.stride(0), weight_k.stride(1),
+            HAS_INITIAL_STATE=has_init, WIDTH=width,
             BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_W=triton.next_power_of_2(max(width - 1, 1)),
             num_warps=num_warps,
         )

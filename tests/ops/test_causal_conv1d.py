@@ -2,7 +2,7 @@
 layout, the custom ops pass opcheck and compile with fullgraph=True. causal_conv1d_update (decode): T one-token
 steps reproduce a causal depthwise conv1d over T tokens; the state shifts in place; the fused kernel matches the
 torch reference. Without a GPU the kernels run under Triton's CPU interpreter, with blocks of 2 channels x 4 time
-steps, so these small shapes cross block edges."""
+steps (4 x 2 in the backward's second pass), so these small shapes cross block edges."""
 
 import importlib
 import subprocess
@@ -241,8 +241,8 @@ def view_of(layout, dim):
 @given(
     batch=st.integers(1, 3),
     dim=st.sampled_from([1, 3, 5]),
-    seqlen=st.sampled_from([1, 2, 3, 5, 8, 11]),
-    width=st.integers(1, 5),
+    seqlen=st.sampled_from([1, 2, 3, 5, 8, 11, 13]),
+    width=st.integers(1, MAX_TRITON_WIDTH),
     layout=st.sampled_from(LAYOUTS),
     with_bias=st.booleans(),
     with_initial_state=st.booleans(),
@@ -260,6 +260,43 @@ def test_triton_matches_float64_reference_forward_and_gradients(dtype, param_dty
         assert grad.dtype == leaves[name].dtype and grad.shape == leaves[name].shape, name
         # The weight and bias gradients are float32 sums of exact products of the rounded inputs.
         tol = GRAD_TOL[dtype] if name in ("base", "initial_state") else GRAD_TOL[param_dtype]
+        assert rel_err(grad, want_grads[name]) <= tol, name
+
+
+@pytest.mark.parametrize("width", [1, 2, 4, MAX_TRITON_WIDTH])
+@pytest.mark.parametrize("t0", [0, 4, 10])
+def test_gradients_of_one_output_are_its_taps_and_window(width, t0):
+    """dout one-hot at (batch row 1, channel 2, time t0), no silu: the gradient of xpad = concat(initial_state, x) is
+    weight[2] placed at t0..t0 + width - 1 and zero elsewhere, dweight[2] is the window xpad[t0..t0 + width - 1],
+    dbias[2] is 1, and every other channel's gradient is 0. Exactly: each is one product with 1.0 plus zeros. A
+    backward reading dpre at a shifted time puts the taps at the wrong places."""
+    batch, dim, seqlen = 2, 5, 11  # time blocks of 4 (backward pass 1) and 2 (pass 2) under the interpreter
+    leaves, _ = seq_inputs(batch, dim, seqlen, width, "channel_slice")
+    dout = torch.zeros(batch, dim, seqlen)
+    dout[1, 2, t0] = 1.0
+    _, _, grads = conv_and_grads(leaves, view_of("channel_slice", dim), False, "triton", dout=dout)
+    weight = leaves["weight"].detach()
+    xpad = torch.cat([leaves["initial_state"], leaves["base"][:, 1:dim + 1]], dim=-1).detach()
+    dxpad = torch.zeros(batch, dim, width - 1 + seqlen)
+    dxpad[1, 2, t0:t0 + width] = weight[2]
+    dweight, dbias = torch.zeros(dim, width), torch.zeros(dim)
+    dweight[2] = xpad[1, 2, t0:t0 + width]
+    dbias[2] = 1.0
+    assert torch.equal(grads["base"][:, 1:dim + 1], dxpad[..., width - 1:])
+    assert torch.equal(grads["initial_state"], dxpad[..., :width - 1])
+    assert torch.equal(grads["weight"], dweight) and torch.equal(grads["bias"], dbias)
+
+
+@pytest.mark.parametrize("dpre_float32", [True, False])
+def test_backward_with_dpre_in_either_dtype_matches_the_reference(monkeypatch, dpre_float32):
+    """BWD_DPRE_FLOAT32 picks the dtype of dpre between the two backward passes: float32 or x's (bf16 here on a GPU;
+    the interpreter upcasts bf16, so on CPU both runs are float32)."""
+    monkeypatch.setattr(conv_module, "BWD_DPRE_FLOAT32", dpre_float32)
+    leaves, _ = seq_inputs(2, 3, 13, 4, "channel_slice", torch.bfloat16)
+    _, dout, grads = conv_and_grads(leaves, view_of("channel_slice", 3), True, "triton")
+    _, _, want_grads = conv_and_grads(leaves, view_of("channel_slice", 3), True, None, dout=dout, float64=True)
+    for name, grad in grads.items():
+        tol = GRAD_TOL[torch.bfloat16] if name in ("base", "initial_state") else GRAD_TOL[torch.float32]
         assert rel_err(grad, want_grads[name]) <= tol, name
 
 
