@@ -1,7 +1,10 @@
-"""Where the GPU time of a MambaBlock or SwitchMoE training step goes: torch.profiler's per-kernel table.
+"""Where the GPU time of a MambaBlock or SwitchMoE training step, or of one decoding step, goes: torch.profiler's
+per-kernel table.
 
-    python benchmarks/profile_gpu.py block|moe [--rows 25]
-Shapes as in TARGETS.md: MambaBlock(1024) at batch 8 x 2048; SwitchMoE 16,384 tokens, 1024 -> 4096, 8 experts; bf16.
+    python benchmarks/profile_gpu.py block|moe|decode [--rows 25] [--batch 1]
+Shapes as in TARGETS.md: MambaBlock(1024) at batch 8 x 2048; SwitchMoE 16,384 tokens, 1024 -> 4096, 8 experts;
+decode: the 130M pure-Mamba model (768 wide, 24 layers) one token at a time after a 2,048-token prefill; bf16.
+The decode step runs eagerly here: its kernels are the ones a CUDA graph replays, without the launch gaps.
 """
 
 from __future__ import annotations
@@ -11,11 +14,23 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mamba_r1 import MambaBlock, SwitchMoE
+from mamba_r1 import MambaBlock, SwitchMoE, create_mamba_moe
 
 
-def step_fn(what: str):
+def step_fn(what: str, batch: int):
     dtype, device = torch.bfloat16, "cuda"
+    if what == "decode":
+        model = create_mamba_moe(dim=768, depth=24, d_state=16, d_conv=4, expand=2, ffn="none", vocab_size=50277,
+                                 device=device, dtype=dtype).eval()
+        cache = model.allocate_cache(batch)
+        with torch.no_grad():
+            token = model(torch.randint(0, 50277, (batch, 2048), device=device), cache=cache)[:, -1].argmax(-1)
+
+        @torch.no_grad()
+        def decode_step():
+            model.step(token, cache)
+
+        return decode_step
     if what == "block":
         module = MambaBlock(1024, d_state=16, device=device, dtype=dtype)
         x = torch.randn(8, 2048, 1024, device=device, dtype=dtype, requires_grad=True)
@@ -33,10 +48,11 @@ def step_fn(what: str):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["block", "moe"])
+    p.add_argument("what", choices=["block", "moe", "decode"])
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--batch", type=int, default=1, help="decode only")
     a = p.parse_args()
-    step = step_fn(a.what)
+    step = step_fn(a.what, a.batch)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -44,7 +60,7 @@ def main():
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    print(f"\n{a.what}: 5 steps")
+    print(f"\n{a.what}{f' batch {a.batch}' if a.what == 'decode' else ''}: 5 steps")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=70))
 
 

@@ -2,8 +2,8 @@
 # One device call: correctness on CUDA first, then every benchmark; logs, JSON and plots end up in one tarball,
 # $OUT/gpu_results.tgz ($OUT: the device tool's output folder). Usage (repo root; the lent image had no loguru in
 # 2026-11, so carry its wheel in .whl/, see the device tool's README):
-#   bash benchmarks/run_gpu.sh [tests|quicktests|ncu|scan|block|conv|moe|memory|decode|profile|tune ...]
-# (default: all but conv and tune)
+#   bash benchmarks/run_gpu.sh [STAGE ...]   stages: tests quicktests scan block moe memory decode profile
+#   profile_decode conv convsweep ncu tune (default: tests scan block moe memory decode profile)
 set -uo pipefail
 # Logs land in a scratch folder, then one tarball in $OUT (the device tool returns at most 8 files).
 FINAL=${OUT:-/tmp/mamba_r1_gpu}
@@ -37,6 +37,9 @@ for w in $what; do
     memory) python3 benchmarks/bench_memory.py --device cuda 2>&1 | tee "$OUT/memory.log" ;;
     decode) python3 benchmarks/bench_decode.py --device cuda 2>&1 | tee "$OUT/decode.log" ;;
     profile) python3 benchmarks/profile_gpu.py block 2>&1 | tee "$OUT/profile_block.log" ;;
+    profile_decode) for b in 1 64; do python3 benchmarks/profile_gpu.py decode --batch $b --rows 30; done 2>&1 \
+              | tee "$OUT/profile_decode.log" ;;
+    convsweep) python3 benchmarks/bench_conv.py --sweep 2>&1 | tee "$OUT/conv_sweep.log" ;;
     conv)   python3 benchmarks/bench_conv.py 2>&1 | tee "$OUT/conv.log" ;;
     # Hardware counters of the scan kernels (works on the Firecracker machines; clocks left alone).
     ncu)    ncu --clock-control none --kernel-name regex:selective_scan --launch-skip 2 --launch-count 2 \
