@@ -20,11 +20,11 @@ from mamba_r1 import MambaBlock, SwitchMoE, create_mamba_moe
 def step_fn(what: str, batch: int):
     dtype, device = torch.bfloat16, "cuda"
     if what == "decode":
-        model = create_mamba_moe(dim=768, depth=24, d_state=16, d_conv=4, expand=2, ffn="none", vocab_size=50277,
+        model = create_mamba_moe(dim=768, depth=24, d_state=16, d_conv=4, expand=2, ffn="none", vocab_size=50280,
                                  device=device, dtype=dtype).eval()
         cache = model.allocate_cache(batch)
         with torch.no_grad():
-            token = model(torch.randint(0, 50277, (batch, 2048), device=device), cache=cache)[:, -1].argmax(-1)
+            token = model(torch.randint(0, 50280, (batch, 2048), device=device), cache=cache)[:, -1].argmax(-1)
 
         @torch.no_grad()
         def decode_step():

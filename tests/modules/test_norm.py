@@ -8,12 +8,16 @@ from hypothesis import strategies as st
 from mamba_r1.modules.norm import RMSNorm
 from tests.conftest import GRAD_TOL, TOL, rel_err
 
+# The CUDA path is a different kernel call (half inputs go in as they are): the GPU runs both.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def rms_norm_float64(x, weight, eps):
     x, weight = x.double(), weight.double()
     return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @settings(deadline=None, max_examples=20)
 @given(
@@ -23,15 +27,15 @@ def rms_norm_float64(x, weight, eps):
     eps=st.sampled_from([1e-5, 1e-6, 1e-2]),
     scale=st.sampled_from([1e-3, 1.0, 300.0]),
 )
-def test_matches_float64_formula_forward_and_grad(dtype, lead, dim, eps, scale):
-    norm = RMSNorm(dim, eps=eps, dtype=dtype)
+def test_matches_float64_formula_forward_and_grad(device, dtype, lead, dim, eps, scale):
+    norm = RMSNorm(dim, eps=eps, dtype=dtype, device=device)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(dim))
-    x = (scale * torch.randn(*lead, dim)).to(dtype).requires_grad_(True)
+    x = (scale * torch.randn(*lead, dim)).to(device, dtype).requires_grad_(True)
     # A cotangent representable in y's dtype: autograd rounds it to bf16 before the norm's backward sees it, and at
     # dim 2 the gradient (orthogonal to x) can be a small difference of the cotangent's parts, so an unrounded one
     # in the reference failed about one draw in 70 at 2e-2 (worst 0.4% once rounded alike, 3,000 draws).
-    grad_out = torch.randn(*lead, dim).to(dtype).float()
+    grad_out = torch.randn(*lead, dim).to(device, dtype).float()
 
     y = norm(x)
     assert y.dtype == dtype and y.shape == x.shape
@@ -52,11 +56,12 @@ def test_unit_weight_gives_unit_rms():
     assert torch.allclose(y.pow(2).mean(-1), torch.ones(4), rtol=1e-5)
 
 
-def test_bf16_large_inputs_stay_accurate():
-    # A mean of squares over 4096 bf16 values would lose most of its bits without the float32 upcast.
-    x = (100 * torch.randn(3, 4096)).to(torch.bfloat16)
-    y = RMSNorm(4096, dtype=torch.bfloat16)(x)
-    assert rel_err(y, rms_norm_float64(x, torch.ones(4096), 1e-5)) <= TOL[torch.bfloat16]
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_large_inputs_stay_accurate(device):
+    # A mean of squares over 4096 bf16 values would lose most of its bits without float32 accumulation.
+    x = (100 * torch.randn(3, 4096)).to(device, torch.bfloat16)
+    y = RMSNorm(4096, dtype=torch.bfloat16, device=device)(x)
+    assert rel_err(y, rms_norm_float64(x, torch.ones(4096, device=device), 1e-5)) <= TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("bad, error, words", [
