@@ -331,18 +331,20 @@ class MambaBlock(nn.Module):
             raise ValueError(f"x_t must be (batch, d_model) with d_model={self.d_model}; got shape {tuple(x_t.shape)}")
         self._check_state(state, x_t.shape[0])
 
-        # Two fused kernels between the three projections on CUDA (about two dozen small kernels before). Parameters
+        # Two fused kernels between in_proj, x_proj and out_proj on CUDA (dt_proj runs inside the state update; about
+        # two dozen small kernels before). Parameters
         # go in as they are, in any dtype: the kernels cast as they load, so no per-step conversion kernel runs.
         backend = STEP_BACKENDS[self.scan_backend]
         x_in, z = self.in_proj(x_t).chunk(2, dim=-1)  # (batch, d_inner) each
         u = causal_conv1d_update(x_in, state.conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias, silu=True,
                                  backend=backend)  # (batch, d_inner)
 
+        dt_weight = None
         if self.selective:
-            # B, C: (batch, d_state) strided views into x_proj's output, read in place.
-            dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-            dt = F.linear(dt_low, self.dt_proj.weight)  # (batch, d_inner)
-            dt_bias = self.dt_proj.bias
+            # dt_low, B, C: strided views into x_proj's output, read in place; dt_proj's matmul runs inside the
+            # state-update kernel (dt = dt_low @ dt_proj.weight.T), its bias as dt_bias.
+            dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+            dt_weight, dt_bias = self.dt_proj.weight, self.dt_proj.bias
         else:
             batch = u.shape[0]
             dt, dt_bias = torch.zeros_like(u), self.dt_bias
@@ -352,7 +354,8 @@ class MambaBlock(nn.Module):
         # A_log goes in raw: the kernel takes -exp of it as it loads, so nothing derived from a parameter outlives
         # the step (a captured CUDA graph stays valid across in-place weight updates).
         y = selective_state_update(state.ssm_state, u, dt, self.A_log, B, C, D=self.D, z=z, dt_bias=dt_bias,
-                                   dt_softplus=True, backend=backend, A_is_log=True)  # (batch, d_inner)
+                                   dt_softplus=True, backend=backend, A_is_log=True,
+                                   dt_weight=dt_weight)  # (batch, d_inner)
         return self.out_proj(y), state
 
     def extra_repr(self) -> str:

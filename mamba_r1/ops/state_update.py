@@ -46,7 +46,7 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------- argument checks
 
 
-def _check_update_args(state, x, dt, A, B, C, D, z, dt_bias) -> None:
+def _check_update_args(state, x, dt, A, B, C, D, z, dt_bias, dt_weight=None) -> None:
     """Validate selective_state_update's inputs; raise ValueError/TypeError naming the argument, expected and given."""
     if not isinstance(state, torch.Tensor):
         raise TypeError(f"state must be a torch.Tensor; got {type(state).__name__}")
@@ -58,7 +58,13 @@ def _check_update_args(state, x, dt, A, B, C, D, z, dt_bias) -> None:
     _check_float("x", x)
     _check_shape("x", x, (batch, dim), "(batch, dim)")
     _check_float("dt", dt)
-    _check_shape("dt", dt, (batch, dim), "(batch, dim)")
+    if dt_weight is None:
+        _check_shape("dt", dt, (batch, dim), "(batch, dim)")
+    else:
+        _check_float("dt_weight", dt_weight)
+        if dt_weight.dim() != 2 or dt_weight.shape[0] != dim:
+            raise ValueError(f"dt_weight must be (dim, dt_rank) with dim={dim}; got shape {tuple(dt_weight.shape)}")
+        _check_shape("dt", dt, (batch, dt_weight.shape[1]), "(batch, dt_rank) when dt_weight is given")
     _check_float("A", A)
     _check_shape("A", A, (dim, d_state), "(dim, d_state)")
     for name, BC in (("B", B), ("C", C)):
@@ -81,7 +87,7 @@ def _check_update_args(state, x, dt, A, B, C, D, z, dt_bias) -> None:
     if z is not None:
         _check_float("z", z)
         _check_shape("z", z, (batch, dim), "(batch, dim)")
-    named = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias}
+    named = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias, "dt_weight": dt_weight}
     for name, t in named.items():
         if t is not None and t.device != state.device:
             raise ValueError(f"{name} is on {t.device} but state is on {state.device}; "
@@ -110,13 +116,14 @@ def selective_state_update_ref(
     dt_bias: torch.Tensor | None = None,  # (dim,)
     dt_softplus: bool = False,
     A_is_log: bool = False,
+    dt_weight: torch.Tensor | None = None,  # (dim, dt_rank): dt is then (batch, dt_rank)
 ) -> torch.Tensor:  # (batch, dim) in x's dtype
     """The one-token update in plain PyTorch: the specification of the fused kernel. Inputs are trusted (checked
     by ``selective_state_update``). Differentiable in every input but ``state``."""
     dim = state.shape[1]
     A_f = -torch.exp(A.float()) if A_is_log else A.float()  # (dim, d_state)
     x_f = x.float()  # (batch, dim)
-    dt_f = dt.float()  # (batch, dim)
+    dt_f = dt.float() if dt_weight is None else F.linear(dt.float(), dt_weight.float())  # (batch, dim)
     if dt_bias is not None:
         dt_f = dt_f + dt_bias.float()
     if dt_softplus:
@@ -161,11 +168,11 @@ def _block_sizes(block_n: int, interpreting: bool) -> tuple[int, int]:
 @_jit
 def _state_update_kernel(
     # inputs (any float dtype; the state is float32 and is also the output of the recurrence)
-    state_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr,
+    state_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_weight_ptr,
     # output (batch, dim) in x's dtype
     out_ptr,
     # sizes: B and C may have different group counts, so each has its own channels-per-group
-    dim, d_state, dim_per_group_B, dim_per_group_C,
+    dim, d_state, dim_per_group_B, dim_per_group_C, dt_rank,
     # strides (any layout: views such as x_proj's split outputs are read in place)
     stride_state_batch, stride_state_dim, stride_state_n,
     stride_x_batch, stride_x_dim,
@@ -175,8 +182,10 @@ def _state_update_kernel(
     stride_C_batch, stride_C_group, stride_C_n,
     stride_z_batch, stride_z_dim,
     stride_out_batch, stride_out_dim,
+    stride_dt_weight_dim, stride_dt_weight_rank,
     HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-    A_IS_LOG: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    A_IS_LOG: tl.constexpr, HAS_DT_WEIGHT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """One program per (block of BLOCK_D channels, batch row); the (BLOCK_D, BLOCK_N) state tile lives in
     registers between its load and its store."""
@@ -189,8 +198,18 @@ def _state_update_kernel(
 
     # Per-channel vectors (BLOCK_D,): this batch row of x, dt, z; the parameters D, dt_bias.
     x = tl.load(x_ptr + pid_batch * stride_x_batch + offs_d * stride_x_dim, mask=mask_d, other=0.0).to(tl.float32)
-    dt = tl.load(dt_ptr + pid_batch * stride_dt_batch + offs_d * stride_dt_dim, mask=mask_d, other=0.0)
-    dt = dt.to(tl.float32)
+    if HAS_DT_WEIGHT:
+        # The block's dt_proj, fused: dt = dt_low @ dt_weight.T with dt_low (dt_rank,) this row's input, read whole,
+        # and a (BLOCK_D, BLOCK_R) tile of the weight (a launch and a (batch, dim) round trip fewer per token).
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < dt_rank
+        dt_low = tl.load(dt_ptr + pid_batch * stride_dt_batch + offs_r * stride_dt_dim, mask=mask_r, other=0.0)
+        w = tl.load(dt_weight_ptr + offs_d[:, None] * stride_dt_weight_dim + offs_r[None, :] * stride_dt_weight_rank,
+                    mask=mask_d[:, None] & mask_r[None, :], other=0.0)
+        dt = tl.sum(w.to(tl.float32) * dt_low.to(tl.float32)[None, :], axis=1)  # (BLOCK_D,)
+    else:
+        dt = tl.load(dt_ptr + pid_batch * stride_dt_batch + offs_d * stride_dt_dim, mask=mask_d, other=0.0)
+        dt = dt.to(tl.float32)
     if HAS_DT_BIAS:
         dt += tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if DT_SOFTPLUS:
@@ -249,23 +268,26 @@ def _state_update_triton(
     dt_bias: torch.Tensor | None,  # (dim,)
     dt_softplus: bool,
     A_is_log: bool,
+    dt_weight: torch.Tensor | None,  # (dim, dt_rank)
 ) -> torch.Tensor:  # (batch, dim) in x's dtype
     """Launch the fused kernel: one launch, no allocation but the output, no host sync (CUDA-graph capturable)."""
     interpreting = _interpreting()
     check_triton_runtime("selective_state_update", state.device, interpreting)
-    x_k, dt_k, A_k, B_k, C_k, D_k, z_k, bias_k = (for_kernel(t, interpreting) for t in (x, dt, A, B, C, D, z, dt_bias))
+    x_k, dt_k, A_k, B_k, C_k, D_k, z_k, bias_k, w_k = (for_kernel(t, interpreting)
+                                                       for t in (x, dt, A, B, C, D, z, dt_bias, dt_weight))
     B_k, C_k = _as_groups(B_k), _as_groups(C_k)  # (batch, groups, d_state)
     batch, dim, d_state = state.shape
     out = torch.empty(batch, dim, device=state.device, dtype=x_k.dtype)  # (batch, dim)
     block_n = triton.next_power_of_2(d_state)
     block_d, num_warps = _block_sizes(block_n, interpreting)
     # Absent optional inputs are never read (their HAS_* flag is False): x stands in for the pointer.
-    D_arg, z_arg, bias_arg = (t if t is not None else x_k for t in (D_k, z_k, bias_k))
+    D_arg, z_arg, bias_arg, w_arg = (t if t is not None else x_k for t in (D_k, z_k, bias_k, w_k))
+    dt_rank = dt_weight.shape[1] if dt_weight is not None else 1
     grid = (triton.cdiv(dim, block_d), batch)
     _state_update_kernel[grid](
-        state, x_k, dt_k, bias_arg, A_k, B_k, C_k, D_arg, z_arg,
+        state, x_k, dt_k, bias_arg, A_k, B_k, C_k, D_arg, z_arg, w_arg,
         out,
-        dim, d_state, dim // B_k.shape[1], dim // C_k.shape[1],
+        dim, d_state, dim // B_k.shape[1], dim // C_k.shape[1], dt_rank,
         state.stride(0), state.stride(1), state.stride(2),
         x_k.stride(0), x_k.stride(1),
         dt_k.stride(0), dt_k.stride(1),
@@ -274,8 +296,10 @@ def _state_update_triton(
         C_k.stride(0), C_k.stride(1), C_k.stride(2),
         z_arg.stride(0), z_arg.stride(1),
         out.stride(0), out.stride(1),
+        w_arg.stride(0), w_arg.stride(1),
         HAS_DT_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None, DT_SOFTPLUS=bool(dt_softplus),
-        A_IS_LOG=bool(A_is_log), BLOCK_D=block_d, BLOCK_N=block_n,
+        A_IS_LOG=bool(A_is_log), HAS_DT_WEIGHT=dt_weight is not None, BLOCK_D=block_d, BLOCK_N=block_n,
+        BLOCK_R=triton.next_power_of_2(dt_rank),
         num_warps=num_warps,
     )
     return out if out.dtype == x.dtype else out.to(x.dtype)
@@ -298,6 +322,7 @@ def selective_state_update(
     backend: str = "auto",
     *,
     A_is_log: bool = False,
+    dt_weight: torch.Tensor | None = None,  # (dim, dt_rank)
 ) -> torch.Tensor:
     """Advance ``state`` by one token in place and return that token's output (batch, dim) in x's dtype.
 
@@ -306,6 +331,8 @@ def selective_state_update(
     Every input but ``state`` may have any float dtype and any strides; the computation is float32.
     ``A_is_log=True``: ``A`` holds log(-A) (a Mamba block's ``A_log``) and the decay uses -exp(A), computed as it is
     read, so a decode step needs no kernel of its own for it and nothing derived from the parameter is kept.
+    ``dt_weight`` (dim, dt_rank): ``dt`` is then the low-rank (batch, dt_rank) input and the step size is
+    ``dt @ dt_weight.T`` (a Mamba block's dt_proj without its bias, which goes in ``dt_bias``), computed in the kernel.
 
     ``backend``: "torch" (plain PyTorch), "triton" (one fused kernel; CUDA, or CPU under TRITON_INTERPRET=1) or
     "auto" (triton on CUDA tensors, torch otherwise). The kernel has no backward, so when grad mode is on and an
@@ -313,15 +340,15 @@ def selective_state_update(
     input but ``state``. Backpropagating through a chain of steps is not supported: a step overwrites the state an
     earlier step saved for backward, and autograd raises an in-place error. Train with ``selective_scan``.
     """
-    _check_update_args(state, x, dt, A, B, C, D, z, dt_bias)
+    _check_update_args(state, x, dt, A, B, C, D, z, dt_bias, dt_weight)
     name = resolve_backend("selective_state_update", backend, state.device)
-    if name == "triton" and needs_autograd(x, dt, A, B, C, D, z, dt_bias):
+    if name == "triton" and needs_autograd(x, dt, A, B, C, D, z, dt_bias, dt_weight):
         logger.debug("selective_state_update: an input requires grad, taking the differentiable torch path")
         name = "torch"
     if name == "torch":
         return selective_state_update_ref(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-                                          A_is_log=A_is_log)
-    return _state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log)
+                                          A_is_log=A_is_log, dt_weight=dt_weight)
+    return _state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log, dt_weight)
 
 
 __all__ = ["selective_state_update", "selective_state_update_ref", "BACKENDS"]

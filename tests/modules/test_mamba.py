@@ -371,6 +371,8 @@ def _spy_scan_args(monkeypatch, block, x, step=False):
     def spy(*args, **kwargs):
         # selective_scan(u, delta, A, B, C, ...); selective_state_update(state, x, dt, A, B, C, ...)
         dt, _, B, C = args[2:6] if step else args[1:5]
+        if step and kwargs.get("dt_weight") is not None:  # the step hands dt_proj's input and weight over
+            dt = F.linear(dt.float(), kwargs["dt_weight"].float())
         bias = kwargs["dt_bias"] if step else kwargs["delta_bias"][:, None]
         seen.update(dt=F.softplus(dt.float() + bias), B=B, C=C)
         return real(*args, **kwargs)

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -242,6 +243,33 @@ def test_A_is_log_equals_passing_minus_exp_of_it(backend, param_dtype, dim, d_st
     assert rel_err(state, want_state) <= TOL[torch.float32]
     assert rel_err(got, want) <= TOL[torch.bfloat16]
     assert rel_err(state, args["state"]) > 1e-3  # the step did move the state
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim, dt_rank", [(5, 1), (12, 3), (40, 48)])
+def test_dt_weight_equals_projecting_dt_first(backend, dtype, dim, dt_rank):
+    """dt_weight (a block's dt_proj) applied inside the step == F.linear in float32 first, then the step."""
+    args = make_step_inputs(3, dim, 4, 0, 2 if dim % 2 == 0 else 0, dtype)
+    dt_low = torch.randn(3, dt_rank, dtype=dtype)
+    dt_weight = (torch.randn(dim, dt_rank) / dt_rank ** 0.5).to(dtype)
+    want_state = args["state"].clone()
+    want = selective_state_update(**{**args, "state": want_state, "dt": F.linear(dt_low.float(), dt_weight.float())},
+                                  dt_softplus=True, backend=backend)
+    state = args["state"].clone()
+    got = selective_state_update(**{**args, "state": state, "dt": dt_low}, dt_softplus=True, backend=backend,
+                                 dt_weight=dt_weight)
+    assert rel_err(state, want_state) <= TOL[torch.float32]
+    assert rel_err(got, want) <= TOL[dtype]
+    assert rel_err(state, args["state"]) > 1e-3
+
+
+def test_dt_weight_shapes_are_checked():
+    args = make_step_inputs(2, 6, 4)
+    with pytest.raises(ValueError, match=r"dt_weight must be \(dim, dt_rank\) with dim=6"):
+        selective_state_update(**args, dt_weight=torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r"dt must be \(batch, dt_rank\) when dt_weight is given"):
+        selective_state_update(**args, dt_weight=torch.randn(6, 3))  # dt is still (batch, dim)
 
 
 @settings(deadline=None, max_examples=6)
