@@ -1,13 +1,15 @@
 """Count the aten ops (≈ kernel launches) of one SwitchMoE forward+backward, per stage, against a dense FFN.
 
-    PYTHONPATH=. python benchmarks/count_moe_ops.py                       # CPU, small sizes, bf16, top-1
+    PYTHONPATH=. python benchmarks/count_moe_ops.py                       # CPU, small sizes, bf16, top-1: torch paths
+    PYTHONPATH=. python benchmarks/count_moe_ops.py --kernels             # the CUDA paths (Triton kernels, interpreted)
     PYTHONPATH=. python benchmarks/count_moe_ops.py --top-k 2 --mask      # another routing case
     PYTHONPATH=. python benchmarks/count_moe_ops.py --device cuda --tokens 16384 --dim 1024 --expert-dim 4096
     PYTHONPATH=. python benchmarks/count_moe_ops.py --list                # every op, in order
 
 A TorchDispatchMode sees every op below autograd, after composite ops are decomposed: what the backend runs. Ops
-are sorted into three kinds: "kernel" (launches work on the device), "view" (views, detach, aliasing: metadata
-only) and "alloc" (empty/empty_like: an allocation, no kernel). Only kernels are in the totals. The count is per
+are sorted into kinds: "kernel" (launches work on the device: an aten op, or a Triton launch), "view" (views,
+detach, aliasing: metadata only), "alloc" (empty/empty_like: an allocation, no kernel) and "custom op" (a
+mamba_r1 custom op: not a kernel itself, its body is counted). Only kernels are in the totals. The count is per
 aten op, not per GPU kernel: sort, topk, cumsum or index ops may launch two or three kernels on CUDA, a Triton
 custom op launches one; and a few ops differ by device (F.one_hot checks the index range on CPU only).
 
@@ -22,32 +24,47 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib
+import os
+import sys
 from collections import Counter, defaultdict
 from contextlib import ExitStack, contextmanager
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+# --kernels runs the CUDA-only Triton paths on CPU through Triton's interpreter, which is read at triton's import.
+if "--kernels" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"
 
-import mamba_r1.modules.moe as moe_module
-from mamba_r1.modules.mlp import MLP
-from mamba_r1.modules.moe import SwitchExperts, SwitchMoE
+import torch  # noqa: E402
+import torch._library.custom_ops as custom_ops  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from mamba_r1.modules.mlp import MLP  # noqa: E402
+from mamba_r1.modules.moe import SwitchMoE  # noqa: E402
 
 STAGES = ("routing", "aux losses", "plan", "permute", "experts", "combine", "glue", "accumulate grad")
-# (owner, attribute, stage): the functions SwitchMoE.forward calls. Attributes missing from this version of the
-# layer are skipped, so the script counts older and newer layouts alike.
+# (module or class, attribute, stage): the functions SwitchMoE.forward calls, and the ones those call (an inner
+# stage takes its own ops; the outer one keeps the rest). Attributes missing from this version of the layer are
+# skipped, so the script counts older and newer layouts alike. route_and_plan (routing + plan + losses) counts as
+# routing, its torch composition split into its parts; its Triton kernels are all routing.
 STAGE_FUNCTIONS = (
-    (SwitchMoE, "_router_logits", "routing"),
-    (SwitchMoE, "_capacity", "routing"),
-    (moe_module, "route_tokens", "routing"),
-    (moe_module, "route_and_plan", "routing"),  # fused routing + grouped plan (counted as routing, see --list)
-    (SwitchMoE, "_aux", "aux losses"),
-    (moe_module, "plan_grouped", "plan"),
-    (moe_module, "plan_padded", "plan"),
-    (moe_module, "permute_tokens", "permute"),
-    (SwitchExperts, "forward", "experts"),
-    (moe_module, "combine_tokens", "combine"),
+    ("mamba_r1.modules.moe:SwitchMoE", "_router_logits", "routing"),
+    ("mamba_r1.modules.moe:SwitchMoE", "_capacity", "routing"),
+    ("mamba_r1.modules.moe", "route_tokens", "routing"),
+    ("mamba_r1.modules.moe", "route_and_plan", "routing"),
+    ("mamba_r1.ops.moe_routing", "route_tokens", "routing"),
+    ("mamba_r1.modules.moe:SwitchMoE", "_aux", "aux losses"),
+    ("mamba_r1.ops.moe_routing", "router_losses_ref", "aux losses"),
+    ("mamba_r1.modules.moe", "plan_grouped", "plan"),
+    ("mamba_r1.modules.moe", "plan_padded", "plan"),
+    ("mamba_r1.ops.moe_routing", "plan_grouped", "plan"),
+    ("mamba_r1.ops.moe_routing", "plan_padded", "plan"),
+    ("mamba_r1.modules.moe", "permute_tokens", "permute"),
+    ("mamba_r1.modules.moe:SwitchExperts", "forward", "experts"),
+    ("mamba_r1.modules.moe", "combine_tokens", "combine"),
+    ("mamba_r1.modules.moe", "combine", "combine"),
 )
-VIEW_OPS = {"detach", "alias", "lift_fresh", "_unsafe_view", "sym_size", "sym_stride", "sym_numel", "_local_scalar_dense"}
+VIEW_OPS = {"detach", "alias", "lift_fresh", "_unsafe_view", "sym_size", "sym_stride", "sym_numel",
+            "_local_scalar_dense"}
 ALLOC_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
 
 
@@ -82,6 +99,7 @@ class StageCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.stage = "glue"
+        self.in_launch = False
         self.node_stage: dict = {}
         self.records: list[tuple[str, str, str, str]] = []
 
@@ -97,45 +115,84 @@ class StageCounter(TorchDispatchMode):
 
     @contextmanager
     def in_stage(self, stage: str, args):
-        self.label_graph(args, "glue")  # what reached this stage from outside belongs to the glue
+        self.label_graph(args, self.stage)  # what reached this stage from outside belongs to the caller
         outer, self.stage = self.stage, stage
         try:
             yield
         finally:
             self.stage = outer
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def where(self) -> tuple[str, str]:
         node = torch._C._current_autograd_node()
         if node is None:
-            phase, stage = "forward", self.stage
-        else:
-            phase, stage = "backward", self.node_stage.get(node, "accumulate grad"
-                                                            if type(node).__name__ == "AccumulateGrad" else "glue")
-        self.records.append((phase, stage, op_kind(func), str(func)))
-        return func(*args, **(kwargs or {}))
+            return "forward", self.stage
+        default = "accumulate grad" if type(node).__name__ == "AccumulateGrad" else "glue"
+        return "backward", self.node_stage.get(node, default)
+
+    def record_launch(self, name: str) -> None:
+        self.records.append((*self.where(), "kernel", f"triton:{name}"))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.in_launch:
+            return func(*args, **kwargs)
+        opdef = custom_ops.OPDEFS.get(f"{func.namespace}::{func._opname}")
+        if opdef is not None:
+            # A custom op is not a kernel itself: run its body with this mode on, so its Triton launches and any
+            # aten ops inside it are counted.
+            self.records.append((*self.where(), "custom op", str(func)))
+            with self:
+                return opdef._init_fn(*args, **kwargs)
+        self.records.append((*self.where(), op_kind(func), str(func)))
+        return func(*args, **kwargs)
+
+
+def _owner(path: str):
+    module_name, _, class_name = path.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, class_name) if class_name else module
 
 
 @contextmanager
 def stages_wrapped(counter: StageCounter):
-    """Wrap the STAGE_FUNCTIONS so their forward ops and autograd nodes are labelled."""
+    """Wrap the STAGE_FUNCTIONS so their forward ops and autograd nodes are labelled, and count Triton launches."""
     def wrap(fn, stage):
         @functools.wraps(fn)
         def wrapped(*args, **kwargs):
-            if counter.stage != "glue":  # nested call: the outer stage owns it
-                return fn(*args, **kwargs)
             with counter.in_stage(stage, (args, kwargs)):
                 out = fn(*args, **kwargs)
-            counter.label_graph(out, stage)
+                counter.label_graph(out, stage)
             return out
         return wrapped
 
+    def count_launch(run):
+        @functools.wraps(run)
+        def wrapped(self, *args, **kwargs):
+            counter.record_launch(getattr(self, "__name__", None) or getattr(self.fn, "__name__", "?"))
+            counter.in_launch = True  # the interpreter's own tensor copies are not the kernel's work
+            try:
+                return run(self, *args, **kwargs)
+            finally:
+                counter.in_launch = False
+        return wrapped
+
     with ExitStack() as stack:
-        for owner, name, stage in STAGE_FUNCTIONS:
+        for path, name, stage in STAGE_FUNCTIONS:
+            owner = _owner(path)
             original = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
             if original is None:
                 continue
             setattr(owner, name, wrap(original, stage))
             stack.callback(setattr, owner, name, original)
+        try:
+            from triton.runtime.interpreter import InterpretedFunction
+            from triton.runtime.jit import JITFunction
+        except ImportError:
+            pass
+        else:
+            for cls in (InterpretedFunction, JITFunction):
+                stack.callback(setattr, cls, "run", cls.run)
+                cls.run = count_launch(cls.run)
         yield
 
 
@@ -155,8 +212,8 @@ def summarize(counter: StageCounter) -> dict:
 
 def print_table(title: str, table: dict) -> None:
     print(f"\n{title}")
-    print("| stage | fwd kernels | bwd kernels | total kernels | views | allocs |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| stage | fwd kernels | bwd kernels | total kernels | views | allocs | custom ops |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     totals = Counter()
     for stage in STAGES:
         if stage not in table:
@@ -165,10 +222,11 @@ def print_table(title: str, table: dict) -> None:
         fwd, bwd = c["forward", "kernel"], c["backward", "kernel"]
         views = c["forward", "view"] + c["backward", "view"]
         allocs = c["forward", "alloc"] + c["backward", "alloc"]
-        totals.update(dict(fwd=fwd, bwd=bwd, views=views, allocs=allocs))
-        print(f"| {stage} | {fwd} | {bwd} | {fwd + bwd} | {views} | {allocs} |")
+        custom = c["forward", "custom op"] + c["backward", "custom op"]
+        totals.update(dict(fwd=fwd, bwd=bwd, views=views, allocs=allocs, custom=custom))
+        print(f"| {stage} | {fwd} | {bwd} | {fwd + bwd} | {views} | {allocs} | {custom} |")
     print(f"| **total** | {totals['fwd']} | {totals['bwd']} | **{totals['fwd'] + totals['bwd']}** | "
-          f"{totals['views']} | {totals['allocs']} |")
+          f"{totals['views']} | {totals['allocs']} | {totals['custom']} |")
 
 
 def print_ops(counter: StageCounter) -> None:
@@ -190,7 +248,16 @@ def main() -> None:
     parser.add_argument("--backend", choices=["grouped_mm", "bmm", "both"], default="both")
     parser.add_argument("--mask", action="store_true", help="mask out ~30%% of the tokens as padding")
     parser.add_argument("--list", action="store_true", help="print every kernel op in order")
+    parser.add_argument("--kernels", action="store_true",
+                        help="take the Triton paths the layer takes on CUDA (run by Triton's interpreter on CPU)")
     args = parser.parse_args()
+    if args.kernels and torch.device(args.device).type == "cpu":
+        import mamba_r1.ops.moe_routing as moe_routing
+
+        # The layer's "auto" backends pick the kernels on CUDA tensors: pick them on CPU too.
+        moe_routing.resolve_routing_backend = lambda backend, logits, priority: (
+            "triton" if priority == "position" and logits.shape[0] > 0 else "torch")
+        moe_routing.resolve_backend = lambda op, backend, device: "triton"
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     factory = dict(device=device, dtype=dtype)
@@ -226,7 +293,8 @@ def main() -> None:
         x.grad = None
         moe.zero_grad(set_to_none=True)
         counter = count_step(moe_step)
-        print_table(f"SwitchMoE backend={backend}, forward+backward (incl. aux loss)", summarize(counter))
+        paths = "Triton kernels" if args.kernels or device.type == "cuda" else "torch paths"
+        print_table(f"SwitchMoE backend={backend} ({paths}), forward+backward (incl. aux loss)", summarize(counter))
         if args.list:
             print_ops(counter)
 

@@ -3,7 +3,7 @@
 # $OUT/gpu_results.tgz ($OUT: the device tool's output folder). Usage (repo root; the lent image had no loguru in
 # 2026-11, so carry its wheel in .whl/, see the device tool's README):
 #   bash benchmarks/run_gpu.sh [STAGE ...]   stages: tests quicktests scan block moe memory decode profile
-#   profile_decode conv convsweep ncu tune (default: tests scan block moe memory decode profile)
+#   profile_decode moetests conv convsweep ncu tune (default: tests scan block moe memory decode profile)
 set -uo pipefail
 # Logs land in a scratch folder, then one tarball in $OUT (the device tool returns at most 8 files).
 FINAL=${OUT:-/tmp/mamba_r1_gpu}
@@ -31,6 +31,9 @@ for w in $what; do
               tests/ops/test_state_update.py tests/modules/test_mamba.py tests/test_generation.py \
               --tb=short -p no:logging 2>&1 | tail -80 \
               | tee "$OUT/quicktests.log" ;;
+    # The MoE kernels (routing + plan + losses, combine, bias + activation) and the layer.
+    moetests) timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/ops/test_moe_routing.py \
+              tests/modules/test_moe.py tests/ops/test_moe_dispatch.py 2>&1 | tail -60 | tee "$OUT/moetests.log" ;;
     scan)   python3 benchmarks/bench_scan.py --device cuda --preset targets --out "$OUT/scan_cuda.json" 2>&1 | tee "$OUT/scan.log" ;;
     block)  python3 benchmarks/bench_block.py --device cuda 2>&1 | tee "$OUT/block.log" ;;
     moe)    python3 benchmarks/bench_moe.py --device cuda 2>&1 | tee "$OUT/moe.log" ;;

@@ -16,18 +16,12 @@ from mamba_r1.ops.moe_dispatch import (
     PRIORITIES,
     DispatchPlan,
     check_activation,
-    combine_tokens,
     expert_capacity,
-    expert_ffn,
-    load_balancing_loss,
     permute_tokens,
-    plan_grouped,
-    plan_padded,
     projection_width,
     resolve_dispatch_backend,
-    route_tokens,
-    router_z_loss,
 )
+from mamba_r1.ops.moe_routing import combine, expert_ffn_fused, route_and_plan
 
 
 @dataclass
@@ -97,7 +91,8 @@ class SwitchExperts(nn.Module):
 
     def forward(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """rows: (slots, dim) tokens in the plan's buffer order -> (slots, dim) each row through its expert."""
-        return expert_ffn(rows, plan, self.w1, self.b1, self.w2, self.b2, self.activation)
+        # Grouped layout on CUDA: bias adds and activation fused into kernels; expert_ffn everywhere else.
+        return expert_ffn_fused(rows, plan, self.w1, self.b1, self.w2, self.b2, self.activation)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, dim={self.dim}, expert_dim={self.expert_dim}, "
@@ -163,19 +158,25 @@ class SwitchMoE(nn.Module):
         valid = None if mask is None else mask.reshape(-1)  # (tokens,)
         logits = self._router_logits(tokens)  # (tokens, num_experts) float32
         capacity, buffer_capacity = self._capacity(tokens.shape[0], valid)
-        routing = route_tokens(logits, self.top_k, capacity, valid, self.priority)
-
         backend = resolve_dispatch_backend(self.backend, tokens, self.experts.w1, self.experts.w2)
-        if backend == "grouped_mm":
-            plan = plan_grouped(routing.expert_idx, self.num_experts, valid)
-        else:
-            plan = plan_padded(routing.expert_idx, routing.keep, routing.rank, self.num_experts, buffer_capacity)
-        rows = self.experts(permute_tokens(tokens, plan), plan)  # (slots, dim)
-        out = combine_tokens(rows, routing.gates * routing.keep, plan)  # (tokens, dim)
+        # Routing, plan and losses: two fused kernels on CUDA (priority="position"), the torch composition elsewhere.
+        routed = route_and_plan(logits, self.top_k, capacity, valid, self.priority,
+                                layout="grouped" if backend == "grouped_mm" else "padded",
+                                buffer_capacity=buffer_capacity, load_balance_coef=self.load_balance_coef,
+                                z_loss_coef=self.z_loss_coef, losses=return_aux)
+        rows = self.experts(permute_tokens(tokens, routed.plan), routed.plan)  # (slots, dim)
+        out = combine(rows, routed.weights, routed.plan)  # (tokens, dim): one kernel on CUDA
         out = out.view(x.shape)
         if not return_aux:
             return out
-        return out, self._aux(logits, routing, valid)
+        losses = routed.losses
+        return out, MoEAux(
+            loss=losses.loss,
+            load_balance_loss=losses.load_balance_loss,
+            z_loss=losses.z_loss,
+            tokens_per_expert=routed.routing.kept,
+            dropped_fraction=losses.dropped_fraction,
+        )
 
     def _router_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """(tokens, dim) -> (tokens, num_experts) in float32: Switch's selective precision, since a bf16 softmax
@@ -200,18 +201,6 @@ class SwitchMoE(nn.Module):
         from_all_tokens = expert_capacity(num_tokens, *args)
         capacity = from_all_tokens if valid is None else expert_capacity(valid.sum(), *args)
         return capacity, min(from_all_tokens, num_tokens)
-
-    def _aux(self, logits: torch.Tensor, routing, valid: torch.Tensor | None) -> MoEAux:
-        balance = load_balancing_loss(routing.probs, routing.routed, valid)
-        z_loss = router_z_loss(logits, valid)
-        routed = routing.routed.sum()
-        return MoEAux(
-            loss=self.load_balance_coef * balance + self.z_loss_coef * z_loss,
-            load_balance_loss=balance,
-            z_loss=z_loss,
-            tokens_per_expert=routing.kept,
-            dropped_fraction=(routed - routing.kept.sum()).float() / routed.clamp(min=1),
-        )
 
     def _check_input(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         if not isinstance(x, torch.Tensor):

@@ -10,6 +10,8 @@ The pipeline (every step a pure function on tensors, no parameter owned here):
     combine_tokens   gather each token's expert outputs back and add them up, weighted by the gates
 
 ``switch_moe_ref`` beside it is the specification: a Python loop over tokens that routes one token at a time.
+On CUDA the layer runs fused Triton versions of routing + plan + losses, combine and the grouped layout's bias adds
+and activation (moe_routing.py); the functions here are their specification and the CPU path.
 
 Nothing on this path reads a tensor's value on the host (no ``.item()``, no boolean indexing), so a forward
 never waits for the device and traces under ``torch.compile`` without graph breaks. The price is buffers sized
@@ -328,6 +330,12 @@ class _GroupedMatmul(torch.autograd.Function):
         return grad_rows, grad_weight, None
 
 
+def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+    """(slots, in) rows in contiguous per-expert segments ending at ``group_ends`` (int32), (num_experts, in, out)
+    weights -> (slots, out): torch._grouped_mm with a backward that takes any gradient layout."""
+    return _GroupedMatmul.apply(rows, weight, group_ends)
+
+
 def grouped_mm_supported(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether ``backend="auto"`` takes the grouped path: CUDA Hopper (sm90) with bf16 rows and weights, widths
     in multiples of 16 bytes. Elsewhere torch._grouped_mm is absent, or a host-looping fallback, or (sm100 on
@@ -493,6 +501,7 @@ __all__ = [
     "plan_padded",
     "permute_tokens",
     "combine_tokens",
+    "grouped_matmul",
     "grouped_mm_supported",
     "resolve_dispatch_backend",
     "expert_ffn",

@@ -1,0 +1,254 @@
+"""The fused MoE kernels (routing + plan + losses, combine, bias + activation) against the torch composition they
+replace: integers exactly equal, floats and gradients within the per-dtype tolerances; opcheck; fullgraph compile."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mamba_r1.ops.moe_routing as moe_routing
+from mamba_r1.modules.moe import SwitchMoE
+from mamba_r1.ops.moe_dispatch import combine_tokens, ffn_activation, switch_moe_ref
+from mamba_r1.ops.moe_routing import (
+    bias_act,
+    combine,
+    moe_bias_act_bwd_op,
+    moe_bias_act_op,
+    moe_combine_bwd_op,
+    moe_combine_op,
+    moe_route_bwd_op,
+    moe_route_op,
+    route_and_plan,
+)
+from tests.conftest import DEVICE, GRAD_TOL, TOL, rel_err
+
+DTYPES = [torch.float32, torch.bfloat16]
+INTEGER_FIELDS = ("expert_idx", "rank", "keep", "routed", "kept")
+
+
+@st.composite
+def route_cases(draw):
+    num_experts = draw(st.integers(1, 16))
+    return dict(
+        tokens=draw(st.integers(1, 45)),
+        num_experts=num_experts,
+        top_k=draw(st.integers(1, min(2, num_experts))),
+        capacity=draw(st.one_of(st.none(), st.integers(0, 6))),
+        capacity_in_tensor=draw(st.booleans()),
+        masked=draw(st.booleans()),
+        layout=draw(st.sampled_from(moe_routing.LAYOUTS)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _route_inputs(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    logits = torch.randn(case["tokens"], case["num_experts"], generator=gen) * 2
+    valid = torch.rand(case["tokens"], generator=gen) > 0.3 if case["masked"] else None
+    capacity = case["capacity"]
+    if capacity is not None and case["capacity_in_tensor"]:
+        capacity = torch.tensor(capacity, device=DEVICE)
+    buffer = case["tokens"] if case["capacity"] is None else max(1, min(case["capacity"], case["tokens"]))
+    return logits.to(DEVICE), None if valid is None else valid.to(DEVICE), capacity, buffer
+
+
+def _route(case, backend, logits=None):
+    default_logits, valid, capacity, buffer = _route_inputs(case)
+    logits = default_logits if logits is None else logits
+    return route_and_plan(logits, case["top_k"], capacity, valid, "position", case["layout"], buffer,
+                          load_balance_coef=0.3, z_loss_coef=0.07, backend=backend)
+
+
+@settings(deadline=None, max_examples=40)
+@given(case=route_cases())
+def test_route_and_plan_kernels_match_the_torch_composition(case):
+    want, got = _route(case, "torch"), _route(case, "triton")
+    for name in INTEGER_FIELDS:
+        assert torch.equal(getattr(got.routing, name), getattr(want.routing, name)), name
+    for name in ("probs", "gates"):
+        assert rel_err(getattr(got.routing, name), getattr(want.routing, name)) <= TOL[torch.float32], name
+    assert rel_err(got.weights, want.weights) <= TOL[torch.float32]
+    for name, value in want.plan._asdict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(getattr(got.plan, name), value), name
+        else:
+            assert getattr(got.plan, name) == value, name
+    for got_loss, want_loss in zip(got.losses, want.losses):
+        assert rel_err(got_loss, want_loss) <= TOL[torch.float32]
+
+
+@settings(deadline=None, max_examples=20)
+@given(case=route_cases(), use_all=st.booleans())
+def test_route_and_plan_gradient_matches_the_torch_composition(case, use_all):
+    logits, *_ = _route_inputs(case)
+    gen = torch.Generator().manual_seed(case["seed"] + 1)
+    tokens, num_experts, top_k = case["tokens"], case["num_experts"], case["top_k"]
+    cot = [torch.randn(tokens, num_experts, generator=gen), torch.randn(tokens, top_k, generator=gen),
+           torch.randn(tokens, top_k, generator=gen), torch.randn(3, generator=gen)]
+    cot = [t.to(DEVICE) for t in cot]
+    grads = []
+    for backend in ("torch", "triton"):
+        leaf = logits.clone().requires_grad_()
+        out = _route(case, backend, leaf)
+        loss = (out.weights * cot[2]).sum() + out.losses.loss
+        if use_all:  # every differentiable output, as a user's own loss might use them
+            loss = loss + (out.routing.probs * cot[0]).sum() + (out.routing.gates * cot[1]).sum() \
+                + cot[3][0] * out.losses.load_balance_loss + cot[3][1] * out.losses.z_loss
+        loss.backward()
+        grads.append(leaf.grad)
+    assert rel_err(grads[1], grads[0]) <= GRAD_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(deadline=None, max_examples=15)
+@given(case=route_cases(), dim=st.integers(1, 19))
+def test_combine_kernel_matches_combine_tokens(dtype, case, dim):
+    routed = _route(case, "torch")
+    gen = torch.Generator().manual_seed(case["seed"])
+    rows = torch.randn(routed.plan.token_of_slot.numel(), dim, generator=gen).to(DEVICE, dtype)
+    grad = torch.randn(case["tokens"], dim, generator=gen).to(DEVICE, dtype)
+    results = []
+    def kernel(rows, weights, plan):
+        return combine(rows, weights, plan, backend="triton")
+
+    for fn, leaf_dtype in ((combine_tokens, torch.float64), (kernel, dtype)):
+        leaf_rows = rows.to(leaf_dtype).requires_grad_()
+        leaf_weights = routed.weights.detach().to(leaf_dtype if leaf_dtype == torch.float64 else torch.float32)
+        leaf_weights.requires_grad_()
+        out = fn(leaf_rows, leaf_weights, routed.plan)
+        out.backward(grad.to(out.dtype))
+        # A dropped assignment's weight gradient is discarded upstream (weights = gates * keep).
+        results.append((out, leaf_rows.grad, leaf_weights.grad * routed.routing.keep))
+    (want, want_rows, want_weights), (got, got_rows, got_weights) = results
+    assert got.dtype == dtype and got_rows.dtype == dtype
+    assert rel_err(got, want) <= TOL[dtype]
+    assert rel_err(got_rows, want_rows) <= GRAD_TOL[dtype]
+    assert rel_err(got_weights, want_weights) <= GRAD_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(deadline=None, max_examples=15)
+@given(case=route_cases(), width=st.integers(1, 21), activation=st.sampled_from(moe_routing.BIAS_ACTIVATIONS))
+def test_bias_act_matches_torch_composition(dtype, case, width, activation):
+    case = {**case, "layout": "grouped"}
+    plan = _route(case, "torch").plan
+    gen = torch.Generator().manual_seed(case["seed"])
+    h = torch.randn(plan.token_of_slot.numel(), width, generator=gen).to(DEVICE, dtype)
+    bias = torch.randn(case["num_experts"], width, generator=gen).to(DEVICE, dtype)
+    grad = torch.randn(h.shape, generator=gen).to(DEVICE, dtype)
+
+    def composition(h, bias):
+        pre = h + bias[plan.expert_of_slot]
+        return pre if activation == "none" else ffn_activation(pre, activation)
+
+    results = []
+    for fn, leaf_dtype in ((composition, torch.float64), (lambda h, b: bias_act(h, b, plan, activation), dtype)):
+        leaves = [t.to(leaf_dtype).requires_grad_() for t in (h, bias)]
+        out = fn(*leaves)
+        out.backward(grad.to(out.dtype))
+        results.append((out, *(leaf.grad for leaf in leaves)))
+    (want, *want_grads), (got, *got_grads) = results
+    assert got.dtype == dtype and all(g.dtype == dtype for g in got_grads)
+    assert rel_err(got, want) <= TOL[dtype]
+    for g, w in zip(got_grads, want_grads):
+        assert rel_err(g, w) <= GRAD_TOL[dtype]
+
+
+def test_bias_gradient_is_zero_for_an_expert_without_rows():
+    torch.manual_seed(0)
+    case = dict(tokens=13, num_experts=6, top_k=1, capacity=None, capacity_in_tensor=False, masked=False,
+                layout="grouped", seed=3)
+    logits, *_ = _route_inputs(case)
+    logits[:, 2] = -30.0  # nobody picks expert 2
+    plan = route_and_plan(logits, 1, backend="torch").plan
+    bias = torch.randn(6, 5, device=DEVICE, requires_grad=True)
+    bias_act(torch.randn(13, 5, device=DEVICE), bias, plan, "gelu").sum().backward()
+    assert (bias.grad[2] == 0).all() and (bias.grad.abs().sum(-1) > 0).sum() >= 2
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "bmm"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_on_the_kernels_matches_loop_reference(monkeypatch, backend, dtype):
+    """SwitchMoE with every kernel the CUDA path takes, forced onto the interpreter: output and gradients."""
+    monkeypatch.setattr(moe_routing, "resolve_backend", lambda op, backend, device: "triton")
+    monkeypatch.setattr(moe_routing, "resolve_routing_backend", lambda backend, logits, priority: "triton")
+    torch.manual_seed(0)
+    moe = SwitchMoE(16, num_experts=5, expert_dim=24, capacity_factor=0.8, min_capacity=1, top_k=2,
+                    backend=backend, device=DEVICE, dtype=dtype)
+    x = torch.randn(2, 19, 16, device=DEVICE).to(dtype).requires_grad_()
+    mask = torch.rand(2, 19, device=DEVICE) > 0.25
+    out, aux = moe(x, mask=mask, return_aux=True)
+    params = [moe.router.weight, moe.experts.w1, moe.experts.b1, moe.experts.w2, moe.experts.b2]
+    leaves = [t.detach().double().requires_grad_() for t in [x, *params]]
+    ref = switch_moe_ref(leaves[0].reshape(-1, 16), *leaves[1:], top_k=2, capacity_factor=0.8, min_capacity=1,
+                         mask=mask.reshape(-1))
+    assert rel_err(out.reshape(ref.shape), ref) <= TOL[dtype]
+    out.backward(out.detach())
+    ref.backward(out.detach().double().reshape(ref.shape))
+    for p, leaf in zip([x, *params], leaves):
+        assert rel_err(p.grad, leaf.grad) <= GRAD_TOL[dtype]
+    assert aux.tokens_per_expert.sum() > 0 and 0 < aux.dropped_fraction < 1
+
+
+def test_custom_ops_pass_opcheck():
+    torch.manual_seed(0)
+    torch.set_default_device(DEVICE)
+    try:
+        _opcheck_all()
+    finally:
+        torch.set_default_device(None)
+
+
+def _opcheck_all():
+    logits, valid = torch.randn(11, 4), torch.rand(11) > 0.3
+    torch.library.opcheck(moe_route_op, (logits.requires_grad_(), valid, 3, None, 2, True, 0, 0.1, 0.01))
+    torch.library.opcheck(moe_route_op, (logits, None, -1, torch.tensor(2), 1, False, 3, 0.1, 0.01))
+    out = moe_route_op(logits.detach(), valid, 3, None, 2, True, 0, 0.1, 0.01)
+    probs, expert_idx, gates, rank, keep, weights, counts, slot_of, token_of_slot, assignment_of_slot, \
+        expert_of_slot, group_ends, loss, aux, lse, grad_scale = out
+    torch.library.opcheck(moe_route_bwd_op, (probs, lse, expert_idx, keep, valid, grad_scale, torch.randn(11, 4),
+                                             None, torch.randn(11, 2), torch.randn(()), None, 0.1, 0.01))
+
+    rows = torch.randn(22, 8, requires_grad=True)
+    torch.library.opcheck(moe_combine_op, (rows, weights.requires_grad_(), slot_of, token_of_slot,
+                                           assignment_of_slot, True))
+    torch.library.opcheck(moe_combine_bwd_op, (torch.randn(11, 8), rows.detach(), weights.detach(), token_of_slot,
+                                               assignment_of_slot, True))
+    h, bias = torch.randn(22, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    for activation in moe_routing.BIAS_ACTIVATIONS:
+        torch.library.opcheck(moe_bias_act_op, (h, bias, expert_of_slot, group_ends, activation))
+        torch.library.opcheck(moe_bias_act_bwd_op, (torch.randn(22, 8), h.detach(), bias.detach(), expert_of_slot,
+                                                    group_ends, activation))
+
+
+def test_kernels_compile_with_fullgraph():
+    torch.manual_seed(0)
+    factory = dict(device=DEVICE, requires_grad=True)
+    logits = torch.randn(13, 4, **factory)
+    valid = torch.rand(13, device=DEVICE) > 0.2
+    w1, b1 = torch.randn(4, 8, 16, **factory), torch.randn(4, 16, **factory)
+    x = torch.randn(13, 8, **factory)
+
+    def layer(logits, x, w1, b1):
+        routed = route_and_plan(logits, 2, valid.sum(), valid, "position", "grouped", 0, 0.1, 0.01,
+                                backend="triton")
+        rows = x[routed.plan.token_of_slot] @ w1[0]
+        hidden = bias_act(rows, b1, routed.plan, "gelu")
+        out = combine(hidden, routed.weights, routed.plan, backend="triton")
+        return out.square().sum() + routed.losses.loss
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    inputs = (logits, x, w1, b1)
+    got = torch.autograd.grad(compiled(*inputs), inputs)
+    want = torch.autograd.grad(layer(*inputs), inputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_triton_backend_refuses_what_it_does_not_cover():
+    logits = torch.randn(5, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="priority='position'"):
+        route_and_plan(logits, 1, priority="gate", backend="triton")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        route_and_plan(logits, 1, layout="ragged")
+    assert route_and_plan(logits, 1, priority="gate").routing.rank.shape == (5, 1)  # auto: the torch path
