@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from mamba_r1.modules.mlp import MLP
 from mamba_r1.modules.moe import SwitchMoE
-from mamba_r1.ops.moe_dispatch import (expert_capacity, ffn_activation, grouped_mm_supported, route_tokens,
-                                      switch_moe_ref)
+from mamba_r1.ops.moe_dispatch import (expert_capacity, ffn_activation, grouped_mm_supported, resolve_dispatch_backend,
+                                       route_tokens, switch_moe_ref)
 
 # Relative-norm tolerances against the float64 loop reference (TARGETS.md): forward, gradients.
 TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 2e-2)}
@@ -158,7 +158,9 @@ def main() -> None:
     grad = torch.randn_like(x)
     x_grad = x.clone().requires_grad_()
     usable = {b: m for b, m in layers.items() if b == "bmm" or grouped_mm_runs(m, x)}
-    auto = "grouped_mm" if grouped_mm_supported(x, *moe_weights(layers["bmm"])) else "bmm"
+    _, buffer_capacity = layers["bmm"]._capacity(args.tokens, None)  # what the layer's "auto" decides on
+    auto = resolve_dispatch_backend("auto", x, *moe_weights(layers["bmm"]), padded_rows=args.experts * buffer_capacity,
+                                    assignments=args.tokens * args.top_k)
 
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "config": vars(args), "auto_backend": auto, "rows": []}

@@ -115,7 +115,8 @@ class SwitchMoE(nn.Module):
     torch._grouped_mm over all of them (the dense FFN's work; dropped ones are computed and discarded);
     ``"bmm"`` lays them out (num_experts, capacity) and runs a batched matmul, whose buffer is the capacity
     computed from all tokens (padding included), or every token when capacity_factor is None (num_experts / top_k
-    times the dense work); ``"auto"`` picks grouped_mm on Hopper GPUs in bf16, bmm elsewhere.
+    times the dense work); ``"auto"`` picks bmm, except on Hopper GPUs in bf16 when the padded buffer would exceed
+    1.25 times the assignments (capacity_factor above 1.25 or None), where grouped_mm's fixed work wins.
     """
 
     def __init__(
@@ -158,7 +159,9 @@ class SwitchMoE(nn.Module):
         valid = None if mask is None else mask.reshape(-1)  # (tokens,)
         logits = self._router_logits(tokens)  # (tokens, num_experts) float32
         capacity, buffer_capacity = self._capacity(tokens.shape[0], valid)
-        backend = resolve_dispatch_backend(self.backend, tokens, self.experts.w1, self.experts.w2)
+        backend = resolve_dispatch_backend(self.backend, tokens, self.experts.w1, self.experts.w2,
+                                           padded_rows=self.num_experts * buffer_capacity,
+                                           assignments=tokens.shape[0] * self.top_k)
         # Routing, plan and losses: two fused kernels on CUDA (priority="position"), the torch composition elsewhere.
         routed = route_and_plan(logits, self.top_k, capacity, valid, self.priority,
                                 layout="grouped" if backend == "grouped_mm" else "padded",
