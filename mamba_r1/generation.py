@@ -118,7 +118,7 @@ class GenerationMixin:
                              f"{[i for i in range(self.config.depth) if self.config.mixer_kind(i) == 'attention']}")
         cache = self.allocate_cache(batch, max_seqlen=prompt_len + max_new_tokens)
         try:
-            logits = self(input_ids, mask=mask, cache=cache)[:, -1]  # (batch, vocab)
+            logits = self(input_ids, mask=mask, cache=cache, num_last_tokens=1)[:, -1]  # (batch, vocab)
             step = self.step if not cuda_graph else _graphed_step(self, cache)
             out = [input_ids]
             done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)

@@ -209,9 +209,14 @@ class MambaMoE(GenerationMixin, nn.Module):
         mask: torch.Tensor | None = None,  # (batch, seqlen) bool, True = real token
         return_aux: bool = False,
         cache: InferenceCache | None = None,
+        num_last_tokens: int = 0,
     ):
         """Logits (token ids) or hidden states (float x); ``(output, aux)`` with ``return_aux``. With ``cache``
-        (from ``allocate_cache``), continue from it and update it in place (prefill / chunked prefill)."""
+        (from ``allocate_cache``), continue from it and update it in place (prefill / chunked prefill).
+        ``num_last_tokens > 0`` returns only the last that many positions (the final norm and the head run on those
+        alone): a prefill that only samples the next token skips a (batch, seqlen, vocab) logits tensor."""
+        if isinstance(num_last_tokens, bool) or not isinstance(num_last_tokens, int) or num_last_tokens < 0:
+            raise ValueError(f"num_last_tokens must be an int >= 0 (0 = every position); got {num_last_tokens!r}")
         offset = None if cache is None else cache.positions
         h = self.embed(x, mask, offset)
         if cache is not None and cache.batch_size != h.shape[0]:
@@ -229,6 +234,8 @@ class MambaMoE(GenerationMixin, nn.Module):
                 auxes.append(aux)
         if cache is not None:
             cache.positions += mask.sum(1) if mask is not None else h.shape[1]
+        if num_last_tokens:
+            h = h[:, -num_last_tokens:]  # (batch, min(num_last_tokens, seqlen), dim)
         h = self.norm_f(h)
         out = self.lm_head(h) if (self.lm_head is not None and not x.is_floating_point()) else h
         if return_aux:

@@ -176,6 +176,27 @@ def test_cached_logits_match_the_float64_full_forward(dtype):
     assert rel_err(cached, expected) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("overrides", [dict(), HYBRID], ids=["moe", "hybrid"])
+def test_num_last_tokens_keeps_the_last_positions_and_the_same_cache(overrides):
+    model = tiny_model(**overrides)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, :3] = False  # a left-padded row
+    with torch.no_grad():
+        full_cache, last_cache = model.allocate_cache(2), model.allocate_cache(2)
+        full = model(ids, mask=mask, cache=full_cache)
+        # The head's matmul over fewer rows may block differently: equal to float32 rounding, not bitwise.
+        for n in (1, 4, 9, 20):
+            got, want = model(ids, mask=mask, num_last_tokens=n), model(ids, mask=mask)[:, -n:]
+            assert got.shape == want.shape and rel_err(got, want) <= F32
+        last = model(ids, mask=mask, cache=last_cache, num_last_tokens=1)
+        assert last.shape == (2, 1, VOCAB) and rel_err(last, full[:, -1:]) <= F32
+        assert torch.equal(model.step(ids[:, -1], full_cache), model.step(ids[:, -1], last_cache))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="num_last_tokens must be an int >= 0"):
+            model(ids, num_last_tokens=bad)
+
+
 @settings(deadline=None, max_examples=12)
 @given(overrides=model_overrides(), lengths=st.lists(st.integers(1, 9), min_size=1, max_size=3),
        cuts=st.lists(st.integers(1, 8), min_size=1, max_size=3), seed=st.integers(0, 2**16))
