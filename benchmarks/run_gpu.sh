@@ -3,7 +3,7 @@
 # $OUT/gpu_results.tgz ($OUT: the device tool's output folder). Usage (repo root; the lent image had no loguru in
 # 2026-11, so carry its wheel in .whl/, see the device tool's README):
 #   bash benchmarks/run_gpu.sh [STAGE ...]   stages: tests quicktests scan block moe memory decode profile
-#   profile_decode moetests conv convsweep ncu tune (default: tests scan block moe memory decode profile)
+#   profile_decode moetests decodelinear conv convsweep ncu tune (default: tests scan block moe memory decode profile)
 set -uo pipefail
 # Logs land in a scratch folder, then one tarball in $OUT (the device tool returns at most 8 files).
 FINAL=${OUT:-/tmp/mamba_r1_gpu}
@@ -29,6 +29,7 @@ for w in $what; do
     # The decode and conv kernels plus the block and generation tests only (about a minute on an H200).
     quicktests) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_causal_conv1d.py \
               tests/ops/test_state_update.py tests/modules/test_mamba.py tests/test_generation.py \
+              tests/ops/test_decode_linear.py tests/ops/test_add_rms_norm.py tests/modules/test_norm.py \
               --tb=short -p no:logging 2>&1 | tail -80 \
               | tee "$OUT/quicktests.log" ;;
     # The MoE kernels (routing + plan + losses, combine, bias + activation) and the layer.
@@ -42,6 +43,7 @@ for w in $what; do
     profile) python3 benchmarks/profile_gpu.py block 2>&1 | tee "$OUT/profile_block.log" ;;
     profile_decode) for b in 1 64; do python3 benchmarks/profile_gpu.py decode --batch $b --rows 30; done 2>&1 \
               | tee "$OUT/profile_decode.log" ;;
+    decodelinear) python3 benchmarks/bench_decode_linear.py --sweep 2>&1 | tee "$OUT/decode_linear.log" ;;
     convsweep) python3 benchmarks/bench_conv.py --sweep 2>&1 | tee "$OUT/conv_sweep.log" ;;
     conv)   python3 benchmarks/bench_conv.py 2>&1 | tee "$OUT/conv.log" ;;
     # Hardware counters of the scan kernels (works on the Firecracker machines; clocks left alone).

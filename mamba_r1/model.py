@@ -19,10 +19,12 @@ from torch.utils.checkpoint import checkpoint
 from mamba_r1.config import MambaMoEConfig
 from mamba_r1.generation import GenerationMixin, InferenceCache
 from mamba_r1.modules.attention import CausalSelfAttention
-from mamba_r1.modules.mamba import MambaBlock
+from mamba_r1.modules.mamba import STEP_BACKENDS, MambaBlock
 from mamba_r1.modules.mlp import MLP
 from mamba_r1.modules.moe import MoEAux, SwitchMoE
 from mamba_r1.modules.norm import RMSNorm
+from mamba_r1.ops.add_rms_norm import add_rms_norm
+from mamba_r1.ops.decode_linear import small_batch_linear
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -80,15 +82,17 @@ class MambaMoELayer(nn.Module):
             x = x + self.ffn(self.ffn_norm(x))
         return x, aux, new_state
 
-    def step(self, x_t: torch.Tensor, state):
-        """One token: x_t (batch, dim) -> (batch, dim), state updated."""
-        y, state = self.mixer.step(self.mixer_norm(x_t), state)
-        x_t = x_t + y
-        if isinstance(self.ffn, SwitchMoE):
-            x_t = x_t + self.ffn(self.ffn_norm(x_t))
-        elif self.ffn is not None:
-            x_t = x_t + self.ffn(self.ffn_norm(x_t))
-        return x_t, state
+    def step(self, residual: torch.Tensor, state, pending: torch.Tensor | None = None, backend: str = "torch"):
+        """One token. ``residual`` (batch, dim) is the residual stream and ``pending`` (batch, dim) the previous
+        layer's last branch output, not yet added: the add runs fused with this layer's first norm
+        (ops.add_rms_norm; ``backend`` picks its kernel). Returns (residual, branch output, state), the branch output
+        left for the caller to add (or to hand to the next layer as its ``pending``); the state is updated in place."""
+        normed, residual = add_rms_norm(residual, pending, self.mixer_norm.weight, self.mixer_norm.eps, backend)
+        y, state = self.mixer.step(normed, state)  # (batch, dim)
+        if self.ffn is not None:
+            normed, residual = add_rms_norm(residual, y, self.ffn_norm.weight, self.ffn_norm.eps, backend)
+            y = self.ffn(normed)
+        return residual, y, state
 
 
 @dataclass
@@ -252,11 +256,17 @@ class MambaMoE(GenerationMixin, nn.Module):
         h = x_t if x_t.is_floating_point() else self.embedding(x_t.long())  # (batch, dim)
         if self.pos_embedding is not None:
             h = h + self.pos_embedding(cache.positions.clamp(0, self.config.max_seq_len - 1))
+        # Each layer's branch output is added to the stream inside the next norm (one kernel on CUDA).
+        backend = STEP_BACKENDS[self.config.scan_backend]
+        pending = None
         for i, layer in enumerate(self.layers):
-            h, cache.states[i] = layer.step(h, cache.states[i])
+            h, pending, cache.states[i] = layer.step(h, cache.states[i], pending, backend)
         cache.positions += 1
-        h = self.norm_f(h)
-        return self.lm_head(h) if (self.lm_head is not None and not x_t.is_floating_point()) else h
+        h, _ = add_rms_norm(h, pending, self.norm_f.weight, self.norm_f.eps, backend)
+        if self.lm_head is None or x_t.is_floating_point():
+            return h
+        # The head streams its (vocab, dim) weight once at small batch (small_batch_linear; F.linear otherwise).
+        return small_batch_linear(h, self.lm_head.weight, None, backend)
 
     def loss(
         self,

@@ -24,6 +24,7 @@ from einops import repeat
 from torch import nn
 
 from mamba_r1.ops.causal_conv1d import MAX_TRITON_WIDTH, causal_conv1d, causal_conv1d_update
+from mamba_r1.ops.decode_linear import small_batch_linear
 from mamba_r1.ops.selective_scan import BACKENDS, selective_scan
 from mamba_r1.ops.state_update import selective_state_update
 
@@ -335,7 +336,9 @@ class MambaBlock(nn.Module):
         # two dozen small kernels before). Parameters
         # go in as they are, in any dtype: the kernels cast as they load, so no per-step conversion kernel runs.
         backend = STEP_BACKENDS[self.scan_backend]
-        x_in, z = self.in_proj(x_t).chunk(2, dim=-1)  # (batch, d_inner) each
+        # The projections stream their weights once at small batch (small_batch_linear; F.linear otherwise).
+        x_in, z = small_batch_linear(x_t, self.in_proj.weight, self.in_proj.bias,
+                                     backend).chunk(2, dim=-1)  # (batch, d_inner) each
         u = causal_conv1d_update(x_in, state.conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias, silu=True,
                                  backend=backend)  # (batch, d_inner)
 
@@ -343,7 +346,8 @@ class MambaBlock(nn.Module):
         if self.selective:
             # dt_low, B, C: strided views into x_proj's output, read in place; dt_proj's matmul runs inside the
             # state-update kernel (dt = dt_low @ dt_proj.weight.T), its bias as dt_bias.
-            dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+            dt, B, C = small_batch_linear(u, self.x_proj.weight, None, backend).split(
+                [self.dt_rank, self.d_state, self.d_state], dim=-1)
             dt_weight, dt_bias = self.dt_proj.weight, self.dt_proj.bias
         else:
             batch = u.shape[0]
@@ -356,7 +360,7 @@ class MambaBlock(nn.Module):
         y = selective_state_update(state.ssm_state, u, dt, self.A_log, B, C, D=self.D, z=z, dt_bias=dt_bias,
                                    dt_softplus=True, backend=backend, A_is_log=True,
                                    dt_weight=dt_weight)  # (batch, d_inner)
-        return self.out_proj(y), state
+        return small_batch_linear(y, self.out_proj.weight, self.out_proj.bias, backend), state
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
