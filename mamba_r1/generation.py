@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mamba_r1.ops.triton_runtime import graph_kernels
+
 
 @dataclass
 class InferenceCache:
@@ -182,13 +184,16 @@ class _GraphedStep:
         self.token = torch.zeros(batch, dtype=torch.long, device=prefilled.positions.device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, autotuning), on the graph's cache
-            for _ in range(2):
-                model.step(self.token, self.cache)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model.step(self.token, self.cache)
+        # The launch-bound kernels (small-batch projections, fused add + norm) join the step here only: eagerly
+        # their Python launches cost more than they save.
+        with graph_kernels():
+            with torch.cuda.stream(side):  # warm-up outside the graph (compiles and loads kernels), on its cache
+                for _ in range(2):
+                    model.step(self.token, self.cache)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = model.step(self.token, self.cache)
 
     def load(self, prefilled: InferenceCache) -> None:
         """Continue from ``prefilled``: its states and positions copied into the graph's cache."""

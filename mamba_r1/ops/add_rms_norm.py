@@ -8,7 +8,8 @@ CUDA graph's gap between them). Backends:
   "triton" one kernel, one program per row: the sum in float32, rounded to the residual's dtype (as the torch path
            stores it), the norm of that rounded value in float32, both outputs written. Inference only: with
            autograd recording, or rows wider than MAX_TRITON_DIM, the torch path runs;
-  "auto"   triton for CUDA tensors, torch otherwise.
+  "auto"   triton on CUDA inside ``graph_kernels()`` (a CUDA-graph decode step); torch otherwise (eagerly, the
+           Triton launcher's overhead outweighs the saved kernel: see ``resolve_graph_backend``).
 Runs on CPU under Triton's interpreter too (TRITON_INTERPRET=1), where half precision is upcast first.
 """
 
@@ -17,8 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mamba_r1.ops.triton_runtime import BACKENDS, check_triton_runtime, for_kernel, needs_autograd, resolve_backend, tl
+from mamba_r1.ops.triton_runtime import BACKENDS, check_triton_runtime, for_kernel, needs_autograd, tl
 from mamba_r1.ops.triton_runtime import jit as _jit
+from mamba_r1.ops.triton_runtime import resolve_graph_backend
 from mamba_r1.ops.triton_runtime import triton
 
 # Widest row one program holds in registers (a model's dim).
@@ -33,7 +35,11 @@ def add_rms_norm_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # normed (rows, dim) in residual's dtype, new residual (rows, dim)
     """The specification: the new residual in the residual's dtype, its RMSNorm computed in float32."""
     new_residual = residual if delta is None else residual + delta
-    normed = F.rms_norm(new_residual.float(), (new_residual.shape[-1],), weight.float(), eps)
+    dim = new_residual.shape[-1]
+    if new_residual.is_cuda and new_residual.dtype == weight.dtype:
+        # One fused kernel that accumulates half inputs in float32 itself (as modules.norm.RMSNorm does on CUDA).
+        return F.rms_norm(new_residual, (dim,), weight, eps).to(new_residual.dtype), new_residual
+    normed = F.rms_norm(new_residual.float(), (dim,), weight.float(), eps)
     return normed.to(new_residual.dtype), new_residual
 
 
@@ -103,7 +109,7 @@ def add_rms_norm(
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (dim,):
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight must be (dim,) = ({dim},); got {got}")
-    name = resolve_backend("add_rms_norm", backend, residual.device)
+    name = resolve_graph_backend("add_rms_norm", backend, residual.device)
     fits = (dim <= MAX_TRITON_DIM and residual.stride(-1) == 1 and (delta is None or delta.stride(-1) == 1)
             and not needs_autograd(residual, delta, weight) and not torch.is_autocast_enabled(residual.device.type))
     if name == "torch" or not fits:

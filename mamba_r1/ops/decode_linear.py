@@ -8,7 +8,8 @@ and that is what the kernel here is shaped for. Backends:
   "triton" one kernel: each program owns BLOCK_N output features and walks K, a (BLOCK_K, BLOCK_N) tile of the weight
            and the rows padded to 16 feeding ``tl.dot`` (float32 accumulation), the bias added before one rounding.
            For up to MAX_TRITON_ROWS rows, x and weight of one dtype, no autograd; otherwise F.linear runs;
-  "auto"   triton for CUDA tensors where it applies, torch otherwise.
+  "auto"   triton on CUDA inside ``graph_kernels()`` (a CUDA-graph decode step), where it applies; torch
+           otherwise (eagerly, the Triton launcher's overhead outweighs the kernel: see ``resolve_graph_backend``).
 Runs on CPU under Triton's interpreter too (TRITON_INTERPRET=1), where half precision is upcast first.
 """
 
@@ -17,8 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mamba_r1.ops.triton_runtime import BACKENDS, check_triton_runtime, for_kernel, needs_autograd, resolve_backend, tl
+from mamba_r1.ops.triton_runtime import BACKENDS, check_triton_runtime, for_kernel, needs_autograd, tl
 from mamba_r1.ops.triton_runtime import jit as _jit
+from mamba_r1.ops.triton_runtime import resolve_graph_backend
 from mamba_r1.ops.triton_runtime import triton
 
 # Rows the kernel takes (tl.dot pads them to BLOCK_M = 16): decoding's small batches. Larger batches are GEMMs
@@ -107,7 +109,7 @@ def small_batch_linear(
         raise ValueError(f"weight must be (out_features, in_features={x.shape[1]}); got {got}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be (out_features,) = ({weight.shape[0]},); got {tuple(bias.shape)}")
-    name = resolve_backend("small_batch_linear", backend, x.device)
+    name = resolve_graph_backend("small_batch_linear", backend, x.device)
     fits = (x.shape[0] <= MAX_TRITON_ROWS and x.is_floating_point() and x.dtype == weight.dtype
             and (bias is None or bias.dtype == x.dtype) and x.numel() > 0 and weight.shape[0] > 0
             and not needs_autograd(x, weight, bias) and not torch.is_autocast_enabled(x.device.type))

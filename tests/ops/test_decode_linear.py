@@ -71,3 +71,21 @@ def test_bad_arguments_name_what_was_expected():
         small_batch_linear(torch.randn(2, 4), torch.randn(5, 4), torch.randn(4))
     with pytest.raises(ValueError, match="backend must be one of"):
         small_batch_linear(torch.randn(2, 4), torch.randn(5, 4), backend="cuda")
+
+
+def test_auto_takes_the_kernels_only_inside_graph_kernels():
+    """"auto" runs the Triton kernels of the launch-bound ops on CUDA inside graph_kernels() only (a CUDA-graph
+    decode step's warm-up and capture); eagerly their launches cost more than they save."""
+    from mamba_r1.ops.triton_runtime import graph_kernels, resolve_graph_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_graph_backend("op", "auto", cuda) == "torch"
+    with graph_kernels():
+        assert resolve_graph_backend("op", "auto", cuda) == "triton"
+        assert resolve_graph_backend("op", "auto", cpu) == "torch"
+        assert resolve_graph_backend("op", "torch", cuda) == "torch"
+        with graph_kernels():
+            pass
+        assert resolve_graph_backend("op", "auto", cuda) == "triton"  # nested blocks restore, not reset
+    assert resolve_graph_backend("op", "auto", cuda) == "torch"
+    assert resolve_graph_backend("op", "triton", cpu) == "triton"  # asked for explicitly: always the kernel
