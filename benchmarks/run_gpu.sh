@@ -29,7 +29,7 @@ for w in $what; do
     # The decode and conv kernels plus the block and generation tests only (about a minute on an H200).
     quicktests) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_causal_conv1d.py \
               tests/ops/test_state_update.py tests/modules/test_mamba.py tests/test_generation.py \
-              tests/ops/test_decode_linear.py tests/ops/test_add_rms_norm.py tests/modules/test_norm.py \
+              tests/ops/test_decode_linear.py tests/ops/test_rms_norm.py tests/modules/test_norm.py \
               --tb=short -p no:logging 2>&1 | tail -80 \
               | tee "$OUT/quicktests.log" ;;
     # The MoE kernels (routing + plan + losses, combine, bias + activation) and the layer.

@@ -23,8 +23,8 @@ from mamba_r1.modules.mamba import STEP_BACKENDS, MambaBlock
 from mamba_r1.modules.mlp import MLP
 from mamba_r1.modules.moe import MoEAux, SwitchMoE
 from mamba_r1.modules.norm import RMSNorm
-from mamba_r1.ops.add_rms_norm import add_rms_norm
 from mamba_r1.ops.decode_linear import small_batch_linear
+from mamba_r1.ops.rms_norm import add_rms_norm
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import mamba_r1.ops.add_rms_norm as add_rms_norm_module
-from mamba_r1.ops.add_rms_norm import add_rms_norm, add_rms_norm_ref
+import mamba_r1.ops.rms_norm as rms_norm_module
+from mamba_r1.ops.rms_norm import add_rms_norm, add_rms_norm_ref
 from tests.conftest import DEVICE, TOL, rel_err
 
 
@@ -55,7 +55,7 @@ def test_falls_back_to_the_reference(monkeypatch, case):
     def boom(*args):
         raise AssertionError("the Triton kernel ran")
 
-    monkeypatch.setattr(add_rms_norm_module, "_add_rms_norm_triton", boom)
+    monkeypatch.setattr(rms_norm_module, "_add_rms_norm_triton", boom)
     backend = "torch" if case == "torch backend" else "triton"
     with torch.autocast(residual.device.type, dtype=torch.bfloat16, enabled=case == "autocast"):
         got = add_rms_norm(residual, delta, weight, 1e-5, backend)
