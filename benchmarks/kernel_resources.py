@@ -3,13 +3,21 @@
 Triton compiles for a named target (here sm_90, Hopper) on any machine: ptxas ships with it. Register pressure decides
 occupancy and spills, which is most of what can be learned about these kernels before a GPU run, and costs no device
 time. The versions differ from the lent machine's (its Triton may be older), so treat the figures as close, not exact.
-    python benchmarks/kernel_resources.py [--arch 90]
+
+The launch on a GPU specialises every pointer and every size or stride that is a multiple of 16 as 16-divisible, and
+the layouts follow (16-byte vector loads: 8 bf16 steps per thread). Compiled without those hints a kernel gets
+1 step per thread and a very different instruction mix (190 shuffles per state instead of 26 in the forward), so
+they are given here as the target shapes (dims, seqlens and strides all multiples of 16) would give them.
+`--sass` also prints the instruction mix of each kernel's innermost loop (the state loop): what it issues per state.
+    python benchmarks/kernel_resources.py [--arch 90] [--d-state 16] [--sass]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -42,26 +50,53 @@ def signature(kernel) -> dict[str, str]:
     return sig
 
 
-def resources(kernel, constexprs: dict, num_warps: int, arch: int) -> str:
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature(kernel), constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+def alignment_hints(kernel) -> dict:
+    """tt.divisibility 16 on every pointer and on every size and stride but those that are 1 or small at the
+    target shapes (d_state's stride in A and channel counts per group are multiples of 16 there too)."""
+    return {(i,): [["tt.divisibility", 16]] for i, param in enumerate(kernel.params) if not param.is_constexpr}
+
+
+def cuobjdump(compiled, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
     try:
-        out = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
+        return subprocess.run([str(CUOBJDUMP), flag, f.name], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(f.name)
+
+
+def innermost_loop_mix(sass: str) -> str:
+    """Instruction count and the most frequent opcodes of the shortest backward branch's body (the state loop)."""
+    code = [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(int(m.group(1), 16), addr) for addr, text in code for m in [re.search(r"BRA (0x[0-9a-f]+)", text)]
+             if m and int(m.group(1), 16) < addr]
+    if not loops:
+        return "no loop"
+    start, end = min(loops, key=lambda loop: loop[1] - loop[0])
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+                              for addr, text in code if start <= addr <= end)
+    return f"{sum(ops.values())} instructions: " + ", ".join(f"{op} {n}" for op, n in ops.most_common(8))
+
+
+def resources(kernel, constexprs: dict, num_warps: int, arch: int, sass: bool = False) -> str:
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature(kernel), constexprs=constexprs,
+                                        attrs=alignment_hints(kernel)),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    out = cuobjdump(compiled, "--dump-resource-usage")
     fields = dict(part.split(":") for line in out.splitlines() if "REG:" in line for part in line.split()
                   if ":" in part and part.split(":")[1].isdigit())
-    return f"registers {fields.get('REG', '?'):>3s}  spill stack {fields.get('STACK', '?'):>5s} B  " \
-           f"shared {fields.get('SHARED', '?'):>5s} B"
+    usage = f"registers {fields.get('REG', '?'):>3s}  spill stack {fields.get('STACK', '?'):>5s} B  " \
+            f"shared {fields.get('SHARED', '?'):>5s} B"
+    if sass:
+        usage += "\n    state loop: " + innermost_loop_mix(cuobjdump(compiled, "--dump-sass"))
+    return usage
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--d-state", type=int, default=16)
+    p.add_argument("--sass", action="store_true", help="also the instruction mix of each kernel's state loop")
     a = p.parse_args()
     block_n = triton.next_power_of_2(a.d_state)
     fwd_flags = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, HAS_H0=False, DELTA_SOFTPLUS=True, BLOCK_N=block_n,
@@ -74,7 +109,7 @@ def main():
     for name, kernel, (chunk_l, block_d, warps, stages, unroll), flags in rows:
         constexprs = dict(flags, BLOCK_D=block_d, CHUNK_L=chunk_l, N_STAGES=stages, UNROLL_N=unroll)
         try:
-            usage = resources(kernel, constexprs, warps, a.arch)
+            usage = resources(kernel, constexprs, warps, a.arch, a.sass)
         except Exception as err:  # a configuration the compiler refuses
             usage = f"does not compile: {type(err).__name__}: {str(err)[:100]}"
         print(f"{name:15s} chunk {chunk_l:5d} block_d {block_d:4d} warps {warps} stages {stages} unroll {unroll}: "
