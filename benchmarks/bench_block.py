@@ -48,8 +48,8 @@ def main():
     p.add_argument("--seqlen", type=int, default=None)
     p.add_argument("--backends", default=None, help="scan backends, comma-separated")
     p.add_argument("--scan-blocks", default=None,
-                   help="chunk_l,fwd_block_d,fwd_warps,bwd_block_d,bwd_warps,carry,atomic[,n_stages,unroll_n,bwd_n_stages]: try a "
-                        "Triton scan configuration")
+                   help="chunk_l,fwd_block_d,fwd_warps,bwd_block_d,bwd_warps,carry,atomic"
+                        "[,n_stages,unroll_n,bwd_n_stages]: try a Triton scan configuration")
     a = p.parse_args()
     if a.scan_blocks:
         from mamba_r1.ops.selective_scan import triton_fwd

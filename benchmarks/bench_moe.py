@@ -23,8 +23,14 @@ import torch.nn.functional as F
 
 from mamba_r1.modules.mlp import MLP
 from mamba_r1.modules.moe import SwitchMoE
-from mamba_r1.ops.moe_dispatch import (expert_capacity, ffn_activation, grouped_mm_supported, resolve_dispatch_backend,
-                                       route_tokens, switch_moe_ref)
+from mamba_r1.ops.moe_dispatch import (
+    expert_capacity,
+    ffn_activation,
+    grouped_mm_supported,
+    resolve_dispatch_backend,
+    route_tokens,
+    switch_moe_ref,
+)
 
 # Relative-norm tolerances against the float64 loop reference (TARGETS.md): forward, gradients.
 TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 2e-2)}

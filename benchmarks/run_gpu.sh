@@ -4,6 +4,8 @@
 # 2026-11, so carry its wheel in .whl/, see the device tool's README):
 #   bash benchmarks/run_gpu.sh [STAGE ...]   stages: tests quicktests scan block moe memory decode profile
 #   profile_decode moetests decodelinear conv convsweep ncu tune (default: tests scan block moe memory decode profile)
+# The device's copy of the tree has no .git: `git checkout` there does nothing, so a stage cannot fall back to
+# committed files; run it on a tree where every imported file is present.
 set -uo pipefail
 # Logs land in a scratch folder, then one tarball in $OUT (the device tool returns at most 8 files).
 FINAL=${OUT:-/tmp/mamba_r1_gpu}

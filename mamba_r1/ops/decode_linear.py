@@ -18,10 +18,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mamba_r1.ops.triton_runtime import BACKENDS, check_triton_runtime, for_kernel, needs_autograd, tl
+from mamba_r1.ops.triton_runtime import (
+    BACKENDS,
+    check_triton_runtime,
+    for_kernel,
+    needs_autograd,
+    resolve_graph_backend,
+    tl,
+    triton,
+)
 from mamba_r1.ops.triton_runtime import jit as _jit
-from mamba_r1.ops.triton_runtime import resolve_graph_backend
-from mamba_r1.ops.triton_runtime import triton
 
 # Rows the kernel takes (tl.dot pads them to BLOCK_M = 16): decoding's small batches. Larger batches are GEMMs
 # cuBLAS does well.

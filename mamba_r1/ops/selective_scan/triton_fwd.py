@@ -54,9 +54,9 @@ class BlockSizes:
 # A third and fourth sweep: two pipelining stages in the backward's state loop are 5% / 17% / 12% faster at the three
 # shapes (3.26 / 13.2 / 5.70 ms); in the forward +3% slower at the first shape (the block's), 6-7% faster at the others,
 # so the forward keeps one. After the decays moved to exp2 (forward 0.646 -> 0.518 ms, backward 3.26 -> 2.86 at the
-# first shape), a fifth: stages 3 in the backward 1-2% faster than 2 at all three; forward stages 2 now 2-8% slower. Several channels in one warp lost everywhere (0.92-1.0 ms against 0.65 at the first
-# shape), and so did a step-by-step forward with each (channel, state) pair's state in registers (1.2-9.2x slower;
-# removed).
+# first shape), a fifth: stages 3 in the backward 1-2% faster than 2 at all three; forward stages 2 now 2-8% slower.
+# Several channels in one warp lost everywhere (0.92-1.0 ms against 0.65 at the first shape), and so did a
+# step-by-step forward with each (channel, state) pair's state in registers (1.2-9.2x slower; removed).
 # Under the interpreter the blocks are tiny so that small test shapes cross many chunk and block edges, and the two
 # kernels use different block_d on purpose.
 BLOCK_SIZE_TABLE = {
