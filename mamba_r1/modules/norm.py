@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from mamba_r1.ops.rms_norm import float32_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -30,12 +31,7 @@ class RMSNorm(nn.Module):
             raise TypeError(f"x must be a floating-point tensor; got dtype {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (..., dim) with dim={self.dim}; got shape {tuple(x.shape)}")
-        # F.rms_norm is one fused kernel on CUDA (several small ones if written out: it matters when decoding), which
-        # accumulates half inputs in float32 itself: given x and weight as they are, it is the only kernel. On the CPU
-        # (and for mixed dtypes) the float32 copies are explicit.
-        if x.is_cuda and x.dtype == self.weight.dtype:
-            return F.rms_norm(x, (self.dim,), self.weight, self.eps).to(x.dtype)
-        return F.rms_norm(x.float(), (self.dim,), self.weight.float(), self.eps).to(x.dtype)
+        return float32_rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"

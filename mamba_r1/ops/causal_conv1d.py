@@ -33,7 +33,15 @@ from loguru import logger
 from torch import Tensor
 
 from mamba_r1.ops.selective_scan import _check_float, _check_shape
-from mamba_r1.ops.triton_runtime import check_triton_runtime, for_kernel, needs_autograd, resolve_backend, tl, triton
+from mamba_r1.ops.triton_runtime import (
+    built_for_interpreter,
+    check_triton_runtime,
+    for_kernel,
+    needs_autograd,
+    resolve_backend,
+    tl,
+    triton,
+)
 from mamba_r1.ops.triton_runtime import jit as _jit
 
 
@@ -133,8 +141,8 @@ def _causal_conv1d_update_kernel(
 
 
 def _interpreting() -> bool:
-    """True when the kernel was built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(_causal_conv1d_update_kernel).__name__ == "InterpretedFunction"
+    """Whether this module's kernels run on Triton's CPU interpreter (see built_for_interpreter)."""
+    return built_for_interpreter(_causal_conv1d_update_kernel)
 
 
 def _causal_conv1d_update_triton(

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from mamba_r1.ops.triton_runtime import (
     BACKENDS,
+    built_for_interpreter,
     check_triton_runtime,
     for_kernel,
     needs_autograd,
@@ -72,8 +73,8 @@ def _small_batch_linear_kernel(
 
 
 def _interpreting() -> bool:
-    """True when the kernel was built for Triton's CPU interpreter (TRITON_INTERPRET=1 at this module's import)."""
-    return type(_small_batch_linear_kernel).__name__ == "InterpretedFunction"
+    """Whether this module's kernels run on Triton's CPU interpreter (see built_for_interpreter)."""
+    return built_for_interpreter(_small_batch_linear_kernel)
 
 
 def _small_batch_linear_triton(

@@ -40,7 +40,14 @@ from mamba_r1.ops.moe_dispatch import (
     route_tokens,
     router_z_loss,
 )
-from mamba_r1.ops.triton_runtime import check_triton_runtime, for_kernel, resolve_backend, tl, triton
+from mamba_r1.ops.triton_runtime import (
+    built_for_interpreter,
+    check_triton_runtime,
+    for_kernel,
+    resolve_backend,
+    tl,
+    triton,
+)
 from mamba_r1.ops.triton_runtime import jit as _jit
 
 LAYOUTS = ("grouped", "padded")
@@ -407,8 +414,8 @@ def _route_bwd_kernel(
 
 
 def _interpreting() -> bool:
-    """True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(_route_fwd_kernel).__name__ == "InterpretedFunction"
+    """Whether this module's kernels run on Triton's CPU interpreter (see built_for_interpreter)."""
+    return built_for_interpreter(_route_fwd_kernel)
 
 
 def _pow2(n: int) -> int:

@@ -3,7 +3,7 @@
 Between two layers of a decode step the residual stream takes the previous branch's output and the next layer's
 norm reads the sum: an add kernel and a norm kernel per norm, about 2.3 us of a 26 us layer on an H200 (with the
 CUDA graph's gap between them). Backends:
-  "torch"  ``add_rms_norm_ref``: ``residual + delta`` in the residual's dtype, then ``F.rms_norm`` in float32, the
+  "torch"  ``add_rms_norm_ref``: ``residual + delta`` in the residual's dtype, then ``float32_rms_norm``, the
            specification and the differentiable path;
   "triton" one kernel, one program per row: the sum in float32, rounded to the residual's dtype (as the torch path
            stores it), the norm of that rounded value in float32, both outputs written. Inference only: with
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from mamba_r1.ops.triton_runtime import (
     BACKENDS,
+    built_for_interpreter,
     check_triton_runtime,
     for_kernel,
     needs_autograd,
@@ -33,6 +34,20 @@ from mamba_r1.ops.triton_runtime import jit as _jit
 MAX_TRITON_DIM = 16384
 
 
+def float32_rms_norm(
+    x: torch.Tensor,  # (..., dim)
+    weight: torch.Tensor,  # (dim,)
+    eps: float,
+) -> torch.Tensor:  # (..., dim) in x's dtype
+    """``x / sqrt(mean(x**2, -1) + eps) * weight`` accumulated in float32, returned in x's dtype. On CUDA with x and
+    weight of one dtype that is F.rms_norm's fused kernel as given (it accumulates half inputs in float32 itself: one
+    kernel instead of four, which matters when decoding); elsewhere the float32 copies are explicit."""
+    dim = x.shape[-1]
+    if x.is_cuda and x.dtype == weight.dtype:
+        return F.rms_norm(x, (dim,), weight, eps).to(x.dtype)
+    return F.rms_norm(x.float(), (dim,), weight.float(), eps).to(x.dtype)
+
+
 def add_rms_norm_ref(
     residual: torch.Tensor,  # (rows, dim)
     delta: torch.Tensor | None,  # (rows, dim), or None: no add
@@ -41,12 +56,7 @@ def add_rms_norm_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # normed (rows, dim) in residual's dtype, new residual (rows, dim)
     """The specification: the new residual in the residual's dtype, its RMSNorm computed in float32."""
     new_residual = residual if delta is None else residual + delta
-    dim = new_residual.shape[-1]
-    if new_residual.is_cuda and new_residual.dtype == weight.dtype:
-        # One fused kernel that accumulates half inputs in float32 itself (as modules.norm.RMSNorm does on CUDA).
-        return F.rms_norm(new_residual, (dim,), weight, eps).to(new_residual.dtype), new_residual
-    normed = F.rms_norm(new_residual.float(), (dim,), weight.float(), eps)
-    return normed.to(new_residual.dtype), new_residual
+    return float32_rms_norm(new_residual, weight, eps), new_residual
 
 
 @_jit
@@ -71,8 +81,8 @@ def _add_rms_norm_kernel(
 
 
 def _interpreting() -> bool:
-    """True when the kernel was built for Triton's CPU interpreter (TRITON_INTERPRET=1 at this module's import)."""
-    return type(_add_rms_norm_kernel).__name__ == "InterpretedFunction"
+    """Whether this module's kernels run on Triton's CPU interpreter (see built_for_interpreter)."""
+    return built_for_interpreter(_add_rms_norm_kernel)
 
 
 def _add_rms_norm_triton(residual, delta, weight, eps):
@@ -123,4 +133,4 @@ def add_rms_norm(
     return _add_rms_norm_triton(residual, delta, weight, eps)
 
 
-__all__ = ["BACKENDS", "MAX_TRITON_DIM", "add_rms_norm", "add_rms_norm_ref"]
+__all__ = ["BACKENDS", "MAX_TRITON_DIM", "add_rms_norm", "add_rms_norm_ref", "float32_rms_norm"]

@@ -29,6 +29,7 @@ from loguru import logger
 from mamba_r1.ops.selective_scan import _check_float, _check_shape
 from mamba_r1.ops.triton_runtime import (
     BACKENDS,
+    built_for_interpreter,
     check_triton_runtime,
     for_kernel,
     needs_autograd,
@@ -247,8 +248,8 @@ def _state_update_kernel(
 
 
 def _interpreting() -> bool:
-    """True when the kernel was built for Triton's CPU interpreter (TRITON_INTERPRET=1 at this module's import)."""
-    return type(_state_update_kernel).__name__ == "InterpretedFunction"
+    """Whether this module's kernels run on Triton's CPU interpreter (see built_for_interpreter)."""
+    return built_for_interpreter(_state_update_kernel)
 
 
 def _as_groups(BC: torch.Tensor) -> torch.Tensor:

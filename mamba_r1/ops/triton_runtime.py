@@ -95,6 +95,12 @@ def check_triton_runtime(op: str, device: torch.device, interpreting: bool) -> N
         )
 
 
+def built_for_interpreter(kernel) -> bool:
+    """True when ``kernel`` was decorated for Triton's CPU interpreter: TRITON_INTERPRET=1 was set when triton
+    decorated it (at its module's import); setting the variable later changes nothing."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
 def for_kernel(t: torch.Tensor | None, interpreting: bool) -> torch.Tensor | None:
     """What a kernel can read: any float dtype on GPU; no half precision under the interpreter."""
     if t is not None and interpreting and t.dtype in HALF_DTYPES:
@@ -102,5 +108,5 @@ def for_kernel(t: torch.Tensor | None, interpreting: bool) -> torch.Tensor | Non
     return t
 
 
-__all__ = ["BACKENDS", "HALF_DTYPES", "check_triton_runtime", "for_kernel", "graph_kernels", "jit", "needs_autograd",
-           "resolve_backend", "resolve_graph_backend", "tl", "triton"]
+__all__ = ["BACKENDS", "HALF_DTYPES", "built_for_interpreter", "check_triton_runtime", "for_kernel", "graph_kernels",
+           "jit", "needs_autograd", "resolve_backend", "resolve_graph_backend", "tl", "triton"]

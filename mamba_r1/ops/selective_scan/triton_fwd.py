@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mamba_r1.ops.triton_runtime import built_for_interpreter
+
 
 @dataclass(frozen=True)
 class BlockSizes:
@@ -69,9 +71,8 @@ BLOCK_SIZE_OVERRIDE: BlockSizes | None = None
 
 
 def interpreting() -> bool:
-    """True when the kernels were built for Triton's CPU interpreter, i.e. TRITON_INTERPRET=1 was set when triton
-    decorated them (at this module's import); setting the variable later changes nothing."""
-    return type(_selective_scan_fwd_kernel).__name__ == "InterpretedFunction"
+    """Whether this module's kernels run on Triton's CPU interpreter (see built_for_interpreter)."""
+    return built_for_interpreter(_selective_scan_fwd_kernel)
 
 
 def block_sizes() -> BlockSizes:
