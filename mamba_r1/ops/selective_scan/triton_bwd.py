@@ -164,8 +164,11 @@ def _selective_scan_bwd_kernel(
             # 1. forward states of this chunk from the checkpoint
             h_start = tl.load(ckpt_rows + chunk * d_state + n, mask=mask_d, other=0.0)  # (BLOCK_D,)
             x = dt_u * B_n[None, :]
-            decay_cum, h_n = tl.associative_scan((tl.exp2(dt * A_n[:, None]), x), 1, affine_combine)
-            h_n += decay_cum * h_start[:, None]
+            decay = tl.exp2(dt * A_n[:, None])
+            # The chunk-start state enters the first step's input (as in the forward): the scan's cumulative decays
+            # go unused and the compiler drops them.
+            _, h_n = tl.associative_scan((decay, tl.where(offs_l[None, :] == 0, x + decay * h_start[:, None], x)), 1,
+                                         affine_combine)
             if HAS_Z:
                 y += h_n * C_n[None, :]
             # 2. adjoint, right to left, continued from the chunk to the right
@@ -174,9 +177,11 @@ def _selective_scan_bwd_kernel(
             else:
                 is_n = offs_n[None, :] == n
                 g_end = tl.sum(tl.where(is_n, g_carry, 0.0), axis=1)  # (BLOCK_D,)
-            decay_rev, g_n = tl.associative_scan((tl.exp2(dt_next * A_n[:, None]), dy * C_n[None, :]), 1,
-                                                 affine_combine, reverse=True)
-            g_n += decay_rev * g_end[:, None]
+            # Likewise the adjoint from the right enters the last step's input: g_{L-1} = dy C + exp(dt_L A) g_L.
+            decay_next = tl.exp2(dt_next * A_n[:, None])
+            dy_C = dy * C_n[None, :]
+            dy_C = tl.where(offs_l[None, :] == CHUNK_L - 1, dy_C + decay_next * g_end[:, None], dy_C)
+            _, g_n = tl.associative_scan((decay_next, dy_C), 1, affine_combine, reverse=True)
             if CARRY_IN_MEMORY:
                 # The thread holding the chunk's first column stores it for the chunk to the left.
                 tl.store(g_carry_ptr + state_rows[:, None] + n + offs_l[None, :] * 0, g_n,

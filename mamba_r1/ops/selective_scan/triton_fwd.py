@@ -202,13 +202,17 @@ def _selective_scan_fwd_kernel(
             B_n = tl.load(B_group + n * stride_B_state + offs_t, mask=mask_t, other=0.0).to(tl.float32)  # (CHUNK_L,)
             C_n = tl.load(C_group + n * stride_C_state + offs_t, mask=mask_t, other=0.0).to(tl.float32)
             decay = tl.exp2(dt * A_n[:, None])
-            decay_cum, h_n = tl.associative_scan((decay, dt_u * B_n[None, :]), 1, affine_combine)
             if CARRY_IN_MEMORY:
                 h_start = tl.load(ckpt_rows + chunk * d_state + n, mask=mask_d, other=0.0)  # (BLOCK_D,)
             else:
                 is_n = offs_n[None, :] == n
                 h_start = tl.sum(tl.where(is_n, h, 0.0), axis=1)  # state n at the chunk start, (BLOCK_D,)
-            h_n += decay_cum * h_start[:, None]
+            # The chunk-start state enters as part of the first step's input (h_0 = a_0 h_start + x_0), so the scan's
+            # cumulative decays are never used and the compiler drops them: one multiply and one FMA per step fewer
+            # than scaling h_start by them afterwards.
+            x = dt_u * B_n[None, :]
+            x = tl.where(offs_l[None, :] == 0, x + decay * h_start[:, None], x)
+            _, h_n = tl.associative_scan((decay, x), 1, affine_combine)
             y += h_n * C_n[None, :]
             if CARRY_IN_MEMORY:
                 # The chunk's last column is the next chunk's checkpoint (or the last state after the last chunk):
