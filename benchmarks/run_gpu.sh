@@ -3,7 +3,7 @@
 # $OUT/gpu_results.tgz ($OUT: the device tool's output folder). Usage (repo root; the lent image had no loguru in
 # 2026-11, so carry its wheel in .whl/, see the device tool's README):
 #   bash benchmarks/run_gpu.sh [STAGE ...]   stages: tests quicktests scan block moe memory decode profile
-#   profile_decode moetests decodelinear conv convsweep ncu tune (default: tests scan block moe memory decode profile)
+#   profile_moe profile_decode moetests decodelinear conv convsweep ncu tune (default: tests scan block moe memory decode profile)
 # The device's copy of the tree has no .git: `git checkout` there does nothing, so a stage cannot fall back to
 # committed files; run it on a tree where every imported file is present.
 set -uo pipefail
@@ -43,6 +43,7 @@ for w in $what; do
     memory) python3 benchmarks/bench_memory.py --device cuda 2>&1 | tee "$OUT/memory.log" ;;
     decode) python3 benchmarks/bench_decode.py --device cuda 2>&1 | tee "$OUT/decode.log" ;;
     profile) python3 benchmarks/profile_gpu.py block 2>&1 | tee "$OUT/profile_block.log" ;;
+    profile_moe) python3 benchmarks/profile_gpu.py moe --rows 40 2>&1 | tee "$OUT/profile_moe.log" ;;
     profile_decode) for b in 1 64; do python3 benchmarks/profile_gpu.py decode --batch $b --rows 30; done 2>&1 \
               | tee "$OUT/profile_decode.log" ;;
     decodelinear) python3 benchmarks/bench_decode_linear.py --sweep 2>&1 | tee "$OUT/decode_linear.log" ;;
@@ -55,7 +56,8 @@ for w in $what; do
               python3 benchmarks/ncu_scan.py > "$OUT/ncu_scan.log" 2>&1; tail -5 "$OUT/ncu_scan.log" ;;
     tune)   python3 benchmarks/tune_scan.py --budget-s "${TUNE_BUDGET_S:-240}" --out "$OUT/tune_scan.json" 2>&1 | tee "$OUT/tune.log" ;;
   esac
+  # The tarball after every stage: a call cut off at the device's limit still returns what finished.
+  cp benchmarks/results/*.json benchmarks/results/*.png "$OUT"/ 2>/dev/null || true
+  tar -czf "$FINAL/gpu_results.tgz" -C "$OUT" .
 done
-cp benchmarks/results/*.json benchmarks/results/*.png "$OUT"/ 2>/dev/null || true
-tar -czf "$FINAL/gpu_results.tgz" -C "$OUT" .
 echo "results: $FINAL/gpu_results.tgz"
