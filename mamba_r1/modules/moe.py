@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mamba_r1.ops.moe_dispatch import (
     DISPATCH_BACKENDS,
@@ -17,6 +16,7 @@ from mamba_r1.ops.moe_dispatch import (
     DispatchPlan,
     check_activation,
     expert_capacity,
+    float32_logits,
     permute_tokens,
     projection_width,
     resolve_dispatch_backend,
@@ -184,12 +184,11 @@ class SwitchMoE(nn.Module):
     def _router_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """(tokens, dim) -> (tokens, num_experts) in float32: Switch's selective precision, since a bf16 softmax
         over near-equal logits decides routing by rounding noise."""
-        router_in = tokens.float()
         if self.training and self.jitter_noise > 0:
+            router_in = tokens.float()
             noise = torch.empty_like(router_in).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-            router_in = router_in * noise
-        with torch.autocast(device_type=tokens.device.type, enabled=False):
-            return F.linear(router_in, self.router.weight.float())
+            return float32_logits(router_in * noise, self.router.weight)
+        return float32_logits(tokens, self.router.weight)
 
     def _capacity(self, num_tokens: int, valid: torch.Tensor | None):
         """-> (capacity compared against each assignment's rank, rows per expert of the padded buffer).

@@ -59,6 +59,39 @@ def ffn_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- routing
 
 
+class _Float32Logits(torch.autograd.Function):
+    """x @ weight.T with half inputs, accumulated and returned in float32, without float32 copies of x: the
+    products of two bf16 (or fp16) numbers are exact in float32, so this is the float32 matmul of the upcast
+    inputs up to summation order. The backward rounds the logits' gradient to x's dtype (the weight and input
+    gradients are rounded to it anyway) and accumulates in float32."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.to(x.dtype)
+        grad_x = torch.mm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.mm(grad.t(), x) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight
+
+
+def float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(tokens, dim) inputs, (num_experts, dim) router weight -> (tokens, num_experts) float32 logits, whatever the
+    autocast dtype: Switch's selective precision (a bf16 softmax over near-equal logits decides routing by rounding
+    noise). On CUDA with x and weight both bf16 or fp16, one matmul with float32 output (torch.mm's out_dtype);
+    elsewhere the float32 matmul of the upcast inputs."""
+    if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and hasattr(torch.ops.aten.mm, "dtype")):
+        with torch.autocast(device_type="cuda", enabled=False):
+            return _Float32Logits.apply(x, weight)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float())
+
+
 def expert_capacity(num_tokens, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int):
     """``max(min_capacity, ceil(capacity_factor * num_tokens * top_k / num_experts))``.
 

@@ -825,17 +825,20 @@ def _act_grad(x, ACT: tl.constexpr):
 def _bias_act_fwd_kernel(
     h_ptr,  # (rows, width) contiguous, matmul output
     bias_ptr,  # (num_experts, width)
-    expert_ptr,  # (rows,) int64 expert of each row
+    expert_ptr,  # (rows,) int64 expert of each row (grouped layout; not read with PADDED)
     out_ptr,  # (rows, width) in h's dtype
-    n_rows, width,
-    ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+    n_rows, width, capacity,  # capacity: rows per expert of the padded layout
+    ACT: tl.constexpr, PADDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """One program per (block of rows, block of features): out = act(h + bias[expert of the row]), in float32."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     mask_r = offs_r < n_rows
     mask = mask_r[:, None] & (offs_w < width)[None, :]
-    expert = tl.load(expert_ptr + offs_r, mask=mask_r, other=0)
+    if PADDED:
+        expert = offs_r // capacity
+    else:
+        expert = tl.load(expert_ptr + offs_r, mask=mask_r, other=0)
     tile = offs_r.to(tl.int64)[:, None] * width + offs_w[None, :]
     pre = tl.load(h_ptr + tile, mask=mask, other=0.0).to(tl.float32) \
         + tl.load(bias_ptr + expert[:, None] * width + offs_w[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -848,8 +851,8 @@ def _bias_act_bwd_kernel(
     h_ptr, bias_ptr, expert_ptr,  # the forward's inputs
     grad_h_ptr,  # (rows, width) in h's dtype (not written for ACT == 0: it is grad itself)
     partial_ptr,  # (n_row_blocks + num_experts, width) float32: bias-gradient partial sums
-    n_rows, width,
-    ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+    n_rows, width, capacity,  # capacity: rows per expert of the padded layout
+    ACT: tl.constexpr, PADDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """One program per (block of rows, block of features): grad_h = grad * act'(h + bias[e]); and, for each expert
     e with rows in this block (rows are sorted by expert), the block's column sums of grad_h over e's rows, stored
@@ -861,7 +864,10 @@ def _bias_act_bwd_kernel(
     mask_r = offs_r < n_rows
     mask_w = offs_w < width
     mask = mask_r[:, None] & mask_w[None, :]
-    expert = tl.load(expert_ptr + offs_r, mask=mask_r, other=-1)
+    if PADDED:
+        expert = tl.where(mask_r, offs_r // capacity, -1)
+    else:
+        expert = tl.load(expert_ptr + offs_r, mask=mask_r, other=-1)
     tile = offs_r.to(tl.int64)[:, None] * width + offs_w[None, :]
     grad = tl.load(grad_ptr + tile, mask=mask, other=0.0).to(tl.float32)
     if ACT != 0:
@@ -869,8 +875,12 @@ def _bias_act_bwd_kernel(
             + tl.load(bias_ptr + expert[:, None] * width + offs_w[None, :], mask=mask, other=0.0).to(tl.float32)
         grad = grad * _act_grad(pre, ACT)
         tl.store(grad_h_ptr + tile, grad.to(grad_h_ptr.dtype.element_ty), mask=mask)
-    first = tl.load(expert_ptr + pid_r * BLOCK_R)
-    last = tl.load(expert_ptr + tl.minimum(pid_r * BLOCK_R + BLOCK_R, n_rows) - 1)
+    if PADDED:
+        first = (pid_r * BLOCK_R) // capacity
+        last = (tl.minimum(pid_r * BLOCK_R + BLOCK_R, n_rows) - 1) // capacity
+    else:
+        first = tl.load(expert_ptr + pid_r * BLOCK_R)
+        last = tl.load(expert_ptr + tl.minimum(pid_r * BLOCK_R + BLOCK_R, n_rows) - 1)
     for e in range(first, last + 1):
         column = tl.sum(tl.where((expert == e)[:, None], grad, 0.0), axis=0)
         tl.store(partial_ptr + (pid_r + e) * width + offs_w, column, mask=mask_w)
@@ -879,18 +889,22 @@ def _bias_act_bwd_kernel(
 @_jit
 def _bias_grad_kernel(
     partial_ptr,  # (n_row_blocks + num_experts, width) float32
-    group_ends_ptr,  # (num_experts,) int32 end row of each expert
+    group_ends_ptr,  # (num_experts,) int32 end row of each expert (grouped layout; not read with PADDED)
     grad_bias_ptr,  # (num_experts, width) in the bias's dtype
-    width,
-    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+    width, capacity,  # capacity: rows per expert of the padded layout
+    PADDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """One program per (expert, block of features): the sum of the partials of the row blocks the expert's rows
     span, in block order; 0 for an expert without rows."""
     e = tl.program_id(0)
     offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     mask_w = offs_w < width
-    end = tl.load(group_ends_ptr + e)
-    start = tl.load(group_ends_ptr + e - 1, mask=e > 0, other=0)
+    if PADDED:
+        start = e * capacity
+        end = start + capacity
+    else:
+        end = tl.load(group_ends_ptr + e)
+        start = tl.load(group_ends_ptr + e - 1, mask=e > 0, other=0)
     acc = tl.zeros((BLOCK_W,), dtype=tl.float32)
     stop = tl.where(end > start, (end - 1) // BLOCK_R + 1, start // BLOCK_R)  # no rows: no partial to read
     for b in range(start // BLOCK_R, stop):
@@ -905,8 +919,10 @@ def _bias_blocks(interpreting: bool) -> tuple[int, int, int]:
 
 
 @torch.library.custom_op("mamba_r1::moe_bias_act", mutates_args=())
-def moe_bias_act_op(h: Tensor, bias: Tensor, expert_of_slot: Tensor, group_ends: Tensor, activation: str) -> Tensor:
-    """(rows, width) h, (num_experts, width) bias -> act(h + bias[expert_of_slot]) (rows, width) in h's dtype."""
+def moe_bias_act_op(h: Tensor, bias: Tensor, expert_of_slot: Tensor, group_ends: Tensor, activation: str,
+                    capacity: int) -> Tensor:
+    """(rows, width) h, (num_experts, width) bias -> act(h + bias[expert_of_slot]) (rows, width) in h's dtype.
+    ``capacity`` > 0: the padded layout, row r belongs to expert r // capacity (expert_of_slot, group_ends unread)."""
     interpreting = _interpreting()
     check_triton_runtime("bias_act", h.device, interpreting)
     h_k, bias_k = (for_kernel(t.contiguous(), interpreting) for t in (h, bias))
@@ -915,19 +931,20 @@ def moe_bias_act_op(h: Tensor, bias: Tensor, expert_of_slot: Tensor, group_ends:
     if out.numel() > 0:
         block_r, block_w, warps = _bias_blocks(interpreting)
         grid = (triton.cdiv(n_rows, block_r), triton.cdiv(width, block_w))
-        _bias_act_fwd_kernel[grid](h_k, bias_k, expert_of_slot.contiguous(), out, n_rows, width,
-                                   ACT=_ACT_CODE[activation], BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
+        _bias_act_fwd_kernel[grid](h_k, bias_k, expert_of_slot.contiguous(), out, n_rows, width, max(capacity, 1),
+                                   ACT=_ACT_CODE[activation], PADDED=capacity > 0, BLOCK_R=block_r, BLOCK_W=block_w,
+                                   num_warps=warps)
     return out if out.dtype == h.dtype else out.to(h.dtype)
 
 
 @moe_bias_act_op.register_fake
-def _(h, bias, expert_of_slot, group_ends, activation):
+def _(h, bias, expert_of_slot, group_ends, activation, capacity):
     return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("mamba_r1::moe_bias_act_bwd", mutates_args=())
 def moe_bias_act_bwd_op(grad: Tensor, h: Tensor, bias: Tensor, expert_of_slot: Tensor, group_ends: Tensor,
-                        activation: str) -> tuple[Tensor, Tensor]:
+                        activation: str, capacity: int) -> tuple[Tensor, Tensor]:
     """-> grad_h (rows, width) in h's dtype (empty for activation "none": grad_h is grad), grad_bias like bias."""
     interpreting = _interpreting()
     check_triton_runtime("bias_act", h.device, interpreting)
@@ -943,52 +960,63 @@ def moe_bias_act_bwd_op(grad: Tensor, h: Tensor, bias: Tensor, expert_of_slot: T
     if n_rows > 0:
         _bias_act_bwd_kernel[(n_blocks, triton.cdiv(width, block_w))](
             grad_k, h_k, bias_k, expert_of_slot.contiguous(), grad_h if act else grad_k, partial, n_rows, width,
-            ACT=act, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
+            max(capacity, 1), ACT=act, PADDED=capacity > 0, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
     _bias_grad_kernel[(num_experts, triton.cdiv(width, block_w))](
-        partial, group_ends, grad_bias, width, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
+        partial, group_ends, grad_bias, width, max(capacity, 1), PADDED=capacity > 0, BLOCK_R=block_r,
+        BLOCK_W=block_w, num_warps=warps)
     return grad_h.to(h.dtype), grad_bias.to(bias.dtype)
 
 
 @moe_bias_act_bwd_op.register_fake
-def _(grad, h, bias, expert_of_slot, group_ends, activation):
+def _(grad, h, bias, expert_of_slot, group_ends, activation, capacity):
     rows = h.shape[0] if activation != "none" else 0
     return h.new_empty(rows, h.shape[1]), torch.empty_like(bias)
 
 
 def _bias_act_setup_context(ctx, inputs, output):
-    h, bias, expert_of_slot, group_ends, activation = inputs
+    h, bias, expert_of_slot, group_ends, activation, capacity = inputs
     # A plain bias add's backward never reads h: do not keep it alive.
     ctx.save_for_backward(h if activation != "none" else None, bias, expert_of_slot, group_ends)
-    ctx.activation = activation
+    ctx.activation, ctx.capacity = activation, capacity
 
 
 def _bias_act_backward(ctx, grad):
     h, bias, expert_of_slot, group_ends = ctx.saved_tensors
     if h is None:
         h = grad  # only its shape is used
-    grad_h, grad_bias = moe_bias_act_bwd_op(grad, h, bias, expert_of_slot, group_ends, ctx.activation)
-    return (grad if ctx.activation == "none" else grad_h), grad_bias, None, None, None
+    grad_h, grad_bias = moe_bias_act_bwd_op(grad, h, bias, expert_of_slot, group_ends, ctx.activation, ctx.capacity)
+    return (grad if ctx.activation == "none" else grad_h), grad_bias, None, None, None, None
 
 
 moe_bias_act_op.register_autograd(_bias_act_backward, setup_context=_bias_act_setup_context)
 
 
 def bias_act(h: torch.Tensor, bias: torch.Tensor, plan: DispatchPlan, activation: str) -> torch.Tensor:
-    """act(h + bias[expert of each row]) over the grouped layout's rows (``plan.expert_of_slot``), activation one of
-    BIAS_ACTIVATIONS, as one kernel forward and two backward (the bias gradient is a deterministic per-expert
-    segment sum). The torch composition it replaces: ``ffn_activation(h + bias[plan.expert_of_slot])``."""
-    return moe_bias_act_op(h, bias, plan.expert_of_slot, plan.group_ends, activation)
+    """act(h + bias[expert of each row]) over the buffer's rows, activation one of BIAS_ACTIVATIONS, as one kernel
+    forward and two backward (the bias gradient is a deterministic per-expert segment sum). A row's expert is
+    ``plan.expert_of_slot`` in the grouped layout, row // ``plan.capacity`` in the padded one. The torch composition
+    it replaces: ``ffn_activation(h + bias[expert of each row])``."""
+    if plan.capacity is not None:
+        # The padded layout needs no index tensors: the bias stands in for the two unread ones.
+        return moe_bias_act_op(h, bias, bias, bias, activation, plan.capacity)
+    return moe_bias_act_op(h, bias, plan.expert_of_slot, plan.group_ends, activation, 0)
 
 
 def expert_ffn_fused(rows, plan: DispatchPlan, w1, b1, w2, b2, activation: str, backend: str = "auto"):
-    """``expert_ffn`` with the grouped layout's bias adds and activation fused into kernels (CUDA, or CPU under
-    TRITON_INTERPRET=1 with backend="triton"); every other case is ``expert_ffn`` itself."""
+    """``expert_ffn`` with the bias adds and activation fused into kernels (CUDA, or CPU under TRITON_INTERPRET=1
+    with backend="triton"), for both layouts; every other case (swiglu, no biases) is ``expert_ffn`` itself.
+    In the padded layout this replaces baddbmm, whose broadcast bias cuBLAS first copies into the whole output."""
     name = resolve_backend("expert_ffn", backend, rows.device)
-    if name == "torch" or triton is None or plan.group_ends is None or activation not in BIAS_ACTIVATIONS \
-            or b1 is None or b2 is None:
+    if name == "torch" or triton is None or activation not in BIAS_ACTIVATIONS or b1 is None or b2 is None:
         return expert_ffn(rows, plan, w1, b1, w2, b2, activation)
-    h = bias_act(grouped_matmul(rows, w1, plan.group_ends), b1, plan, activation)  # (slots, expert_dim)
-    return bias_act(grouped_matmul(h, w2, plan.group_ends), b2, plan, "none")  # (slots, dim)
+    if plan.group_ends is not None:
+        h = bias_act(grouped_matmul(rows, w1, plan.group_ends), b1, plan, activation)  # (slots, expert_dim)
+        return bias_act(grouped_matmul(h, w2, plan.group_ends), b2, plan, "none")  # (slots, dim)
+    num_experts, capacity = w1.shape[0], plan.capacity
+    h = torch.bmm(rows.view(num_experts, capacity, rows.shape[-1]), w1)  # (num_experts, capacity, expert_dim)
+    h = bias_act(h.view(-1, h.shape[-1]), b1, plan, activation)  # (slots, expert_dim)
+    y = torch.bmm(h.view(num_experts, capacity, h.shape[-1]), w2)  # (num_experts, capacity, dim)
+    return bias_act(y.view(-1, y.shape[-1]), b2, plan, "none")  # (slots, dim)
 
 
 __all__ = ["BIAS_ACTIVATIONS", "LAYOUTS", "RoutedTokens", "RouterLosses", "bias_act", "combine", "expert_ffn_fused",

@@ -14,6 +14,7 @@ from mamba_r1.ops.moe_dispatch import (
     expert_capacity,
     expert_ffn,
     ffn_activation,
+    float32_logits,
     load_balancing_loss,
     permute_tokens,
     plan_grouped,
@@ -22,7 +23,7 @@ from mamba_r1.ops.moe_dispatch import (
     route_tokens,
     router_z_loss,
 )
-from tests.conftest import GRAD_TOL, TOL, rel_err
+from tests.conftest import DEVICE, GRAD_TOL, TOL, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -313,3 +314,24 @@ def test_routing_and_plans_trace_into_one_graph():
     for got, want in zip(compiled(logits, valid), route_and_plan(logits, valid)):
         assert torch.equal(got, want)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_float32_logits_match_the_upcast_matmul(dtype):
+    """Router logits in float32 whatever the input dtype: on CUDA half inputs take one matmul with float32 output
+    (no float32 copy of x); it must equal the float32 matmul of the upcast inputs up to summation order, and its
+    gradients the upcast path's up to rounding the logits' gradient to x's dtype."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 72, device=DEVICE).to(dtype).requires_grad_()
+    weight = torch.randn(7, 72, device=DEVICE).to(dtype).requires_grad_()
+    got = float32_logits(x, weight)
+    assert got.dtype == torch.float32
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, weight))
+    want = x64 @ w64.t()
+    assert rel_err(got, want) <= 1e-6
+    grad = torch.randn(got.shape, device=DEVICE)
+    got.backward(grad)
+    want.backward(grad.double())
+    assert x.grad.dtype == dtype and weight.grad.dtype == dtype
+    for g, w in ((x.grad, x64.grad), (weight.grad, w64.grad)):
+        assert rel_err(g, w) <= GRAD_TOL[dtype]

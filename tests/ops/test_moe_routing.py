@@ -130,15 +130,18 @@ def test_combine_kernel_matches_combine_tokens(dtype, case, dim):
 @settings(deadline=None, max_examples=15)
 @given(case=route_cases(), width=st.integers(1, 21), activation=st.sampled_from(moe_routing.BIAS_ACTIVATIONS))
 def test_bias_act_matches_torch_composition(dtype, case, width, activation):
-    case = {**case, "layout": "grouped"}
     plan = _route(case, "torch").plan
+    slots = plan.token_of_slot.numel()
+    # The grouped layout lists each row's expert; in the padded one expert e owns rows e * capacity onwards.
+    expert_of_row = plan.expert_of_slot if plan.capacity is None \
+        else torch.arange(slots, device=DEVICE) // plan.capacity
     gen = torch.Generator().manual_seed(case["seed"])
-    h = torch.randn(plan.token_of_slot.numel(), width, generator=gen).to(DEVICE, dtype)
+    h = torch.randn(slots, width, generator=gen).to(DEVICE, dtype)
     bias = torch.randn(case["num_experts"], width, generator=gen).to(DEVICE, dtype)
     grad = torch.randn(h.shape, generator=gen).to(DEVICE, dtype)
 
     def composition(h, bias):
-        pre = h + bias[plan.expert_of_slot]
+        pre = h + bias[expert_of_row]
         return pre if activation == "none" else ffn_activation(pre, activation)
 
     results = []
@@ -216,9 +219,11 @@ def _opcheck_all():
                                                assignment_of_slot, True))
     h, bias = torch.randn(22, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
     for activation in moe_routing.BIAS_ACTIVATIONS:
-        torch.library.opcheck(moe_bias_act_op, (h, bias, expert_of_slot, group_ends, activation))
-        torch.library.opcheck(moe_bias_act_bwd_op, (torch.randn(22, 8), h.detach(), bias.detach(), expert_of_slot,
-                                                    group_ends, activation))
+        # capacity 0: the grouped layout's index tensors; 6: the padded layout (22 rows, the last expert's partly).
+        for capacity in (0, 6):
+            torch.library.opcheck(moe_bias_act_op, (h, bias, expert_of_slot, group_ends, activation, capacity))
+            torch.library.opcheck(moe_bias_act_bwd_op, (torch.randn(22, 8), h.detach(), bias.detach(),
+                                                        expert_of_slot, group_ends, activation, capacity))
 
 
 def test_kernels_compile_with_fullgraph():

@@ -1,0 +1,114 @@
+"""Where a SwitchMoE training step's time goes, stage by stage: GPU time and host (Python + launch) time.
+
+    python benchmarks/moe_breakdown.py [--backend auto|bmm|grouped_mm]   (CUDA; TARGETS.md's shape)
+
+For each stage (router logits, routing + plan, permute, experts, combine, whole forward, whole forward+backward)
+and for the dense FFN it enqueues N calls behind a GPU sleep, so the host never waits for the GPU: the host time is
+what Python and the launches cost per call, the GPU time (CUDA events around the N calls, which run back to back
+once the sleep ends) what the kernels cost. A stage whose host time exceeds its GPU time is launch-bound: in a
+loop like bench_moe.py's the GPU idles for the difference. The layer is checked against the per-expert loop first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from bench_moe import expert_loop, rel_err
+
+from mamba_r1.modules.mlp import MLP
+from mamba_r1.modules.moe import SwitchMoE
+from mamba_r1.ops.moe_dispatch import permute_tokens, resolve_dispatch_backend
+from mamba_r1.ops.moe_routing import combine, route_and_plan
+
+CALLS = 20
+SLEEP_CYCLES = 400_000_000  # ~0.2 s at H100/H200 clocks: longer than the host needs to enqueue CALLS calls
+
+
+def host_and_gpu_us(fn) -> tuple[float, float]:
+    """(host µs, GPU µs) per call of fn, the calls enqueued while the GPU sleeps."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(SLEEP_CYCLES)
+    start.record()
+    t0 = time.perf_counter()
+    for _ in range(CALLS):
+        fn()
+    host = time.perf_counter() - t0
+    end.record()
+    torch.cuda.synchronize()
+    return 1e6 * host / CALLS, 1e3 * start.elapsed_time(end) / CALLS
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", default="auto", choices=["auto", "bmm", "grouped_mm"])
+    p.add_argument("--tokens", type=int, default=16384)
+    a = p.parse_args()
+    factory = dict(device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    moe = SwitchMoE(1024, num_experts=8, expert_dim=4096, capacity_factor=1.25, backend=a.backend, **factory)
+    dense = MLP(1024, 4096, **factory)
+    x = torch.randn(a.tokens, 1024, **factory)
+    grad = torch.randn_like(x)
+    x_grad = x.clone().requires_grad_()
+
+    with torch.no_grad():
+        err = rel_err(moe(x), expert_loop(moe, x))
+    if err > 1e-2:
+        raise SystemExit(f"layer disagrees with the per-expert loop: rel err {err:.2e}")
+
+    capacity, buffer_capacity = moe._capacity(a.tokens, None)
+    backend = resolve_dispatch_backend(moe.backend, x, moe.experts.w1, moe.experts.w2,
+                                       padded_rows=moe.num_experts * buffer_capacity, assignments=a.tokens)
+    layout = "grouped" if backend == "grouped_mm" else "padded"
+    with torch.no_grad():
+        logits = moe._router_logits(x)
+        routed = route_and_plan(logits, 1, capacity, None, "position", layout=layout,
+                                buffer_capacity=buffer_capacity, load_balance_coef=moe.load_balance_coef,
+                                z_loss_coef=moe.z_loss_coef)
+        rows_in = permute_tokens(x, routed.plan)
+        rows_out = moe.experts(rows_in, routed.plan)
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+
+    def moe_step():
+        out, aux = moe(x_grad, return_aux=True)
+        torch.autograd.backward([out, aux.loss], [grad, None])
+
+    def dense_step():
+        dense(x_grad).backward(grad)
+
+    stages = [
+        ("router logits (float32)", no_grad(lambda: moe._router_logits(x))),
+        ("routing + plan + losses", no_grad(lambda: route_and_plan(
+            logits, 1, capacity, None, "position", layout=layout, buffer_capacity=buffer_capacity,
+            load_balance_coef=moe.load_balance_coef, z_loss_coef=moe.z_loss_coef))),
+        ("permute tokens", no_grad(lambda: permute_tokens(x, routed.plan))),
+        ("experts (2 matmuls, bias, act)", no_grad(lambda: moe.experts(rows_in, routed.plan))),
+        ("combine", no_grad(lambda: combine(rows_out, routed.weights, routed.plan))),
+        ("whole forward", no_grad(lambda: moe(x, return_aux=True))),
+        ("whole forward+backward", moe_step),
+        ("dense FFN forward", no_grad(lambda: dense(x))),
+        ("dense FFN forward+backward", dense_step),
+    ]
+    print(f"SwitchMoE {a.tokens} tokens, 1024 -> 4096, 8 experts, capacity 1.25, bf16, backend {backend}, "
+          f"{torch.cuda.get_device_name()}; layer vs loop {err:.1e}")
+    print("| stage | host µs | GPU µs | launch-bound |")
+    print("| --- | --- | --- | --- |")
+    for name, fn in stages:
+        host, gpu = host_and_gpu_us(fn)
+        print(f"| {name} | {host:.0f} | {gpu:.0f} | {'yes' if host > gpu else 'no'} |")
+        for param in [x_grad, *moe.parameters(), *dense.parameters()]:
+            param.grad = None
+
+
+if __name__ == "__main__":
+    main()
