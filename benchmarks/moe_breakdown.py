@@ -43,6 +43,57 @@ def host_and_gpu_us(fn) -> tuple[float, float]:
     return 1e6 * host / CALLS, 1e3 * start.elapsed_time(end) / CALLS
 
 
+def backward_nodes_host_us(step_outputs) -> list[tuple[str, float]]:
+    """Host time of each autograd node of one backward (GPU asleep, so no node waits for it): the time from the
+    node's pre-hook to its post-hook, in the order the engine ran them."""
+    roots, grads = step_outputs()
+    seen, stack, nodes = set(), [r.grad_fn for r in roots], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    starts, times = {}, []
+    for node in nodes:
+        node.register_prehook(lambda grads, node=node: starts.__setitem__(node, time.perf_counter()))
+        node.register_hook(lambda inputs, outputs, node=node: times.append(
+            (node.name(), 1e6 * (time.perf_counter() - starts[node]))))
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SLEEP_CYCLES)
+    torch.autograd.backward(roots, grads)
+    torch.cuda.synchronize()
+    return times
+
+
+def triton_launch_us() -> dict[str, float]:
+    """Host µs of one launch of a trivial Triton kernel with few and with many arguments (GPU asleep)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def few(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, 1.0, mask=offs < n)
+
+    @triton.jit
+    def many(x_ptr, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16, a17, a18, a19, n,
+             F1: tl.constexpr, F2: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, 1.0, mask=offs < n)
+
+    x = torch.empty(1024, device="cuda")
+    ptrs = [torch.empty(16, device="cuda") for _ in range(10)]
+    return {
+        "triton kernel, 2 args": host_and_gpu_us(lambda: few[(4,)](x, 1024, BLOCK=256))[0],
+        "triton kernel, 20 args (10 tensors)": host_and_gpu_us(
+            lambda: many[(4,)](x, *ptrs, *range(1, 10), 1024, F1=True, F2=False, BLOCK=256))[0],
+        "torch.empty": host_and_gpu_us(lambda: torch.empty(16, device="cuda"))[0],
+        "aten add (16 elements)": host_and_gpu_us(lambda: x[:16] + 1)[0],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", default="auto", choices=["auto", "bmm", "grouped_mm"])
@@ -108,6 +159,20 @@ def main() -> None:
         print(f"| {name} | {host:.0f} | {gpu:.0f} | {'yes' if host > gpu else 'no'} |")
         for param in [x_grad, *moe.parameters(), *dense.parameters()]:
             param.grad = None
+
+    def step_outputs():
+        out, aux = moe(x_grad, return_aux=True)
+        return [out, aux.loss], [grad, None]
+
+    for _ in range(2):
+        backward_nodes_host_us(step_outputs)  # warm-up (the hooks are per graph: each call builds a new one)
+    times = backward_nodes_host_us(step_outputs)
+    print(f"\nbackward, host µs per autograd node (total {sum(t for _, t in times):.0f}):")
+    for name, us in times:
+        print(f"  {name:60s} {us:7.0f}")
+    print("\nhost µs per launch:")
+    for name, us in triton_launch_us().items():
+        print(f"  {name:40s} {us:6.1f}")
 
 
 if __name__ == "__main__":
