@@ -54,6 +54,18 @@ def expert_loop(moe: SwitchMoE, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class WithAuxLoss(torch.nn.Module):
+    """The layer as make_graphed_callables needs it: tensors out, here (output, auxiliary loss)."""
+
+    def __init__(self, moe: SwitchMoE):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        out, aux = self.moe(x, return_aux=True)
+        return out, aux.loss
+
+
 def moe_weights(moe: SwitchMoE):
     return moe.experts.w1, moe.experts.w2
 
@@ -140,6 +152,7 @@ def main() -> None:
     parser.add_argument("--capacity-factor", type=float, default=1.25)
     parser.add_argument("--check-tokens", type=int, default=512, help="tokens for the reference check (CUDA)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd layer and dense FFN")
+    parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph rows (CUDA)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe.json"))
     args = parser.parse_args()
 
@@ -209,6 +222,22 @@ def main() -> None:
                       fwd(layer), fwd_bwd_moe(layer)))
     cases.append(("per-expert Python loop", moe, fwd(lambda t: expert_loop(moe, t)),
                   fwd_bwd(lambda t: expert_loop(moe, t))))
+    if device.type == "cuda" and not args.no_graphs:
+        # Whole training steps captured once and replayed (torch.cuda.make_graphed_callables): what the layer costs
+        # when the host's Python and launch overhead is out of the way (the layer never syncs with the host and its
+        # buffers are sized from shapes, so it can be captured). Each graph replays on fixed input / output buffers.
+        graphed_dense = torch.cuda.make_graphed_callables(dense, (x_grad,))
+        # The forward rows pass the captured input itself (another tensor would be copied into it first).
+        cases.append(("dense FFN, CUDA graph", dense, fwd(lambda t: graphed_dense(x_grad)), fwd_bwd(graphed_dense)))
+        for backend, layer in usable.items():
+            graphed = torch.cuda.make_graphed_callables(WithAuxLoss(layer), (x_grad,))
+
+            def graphed_step(graphed=graphed):
+                out, loss = graphed(x_grad)
+                torch.autograd.backward([out, loss], [grad, None])
+
+            cases.append((f"SwitchMoE backend={backend}, CUDA graph", layer,
+                          fwd(lambda t, graphed=graphed: graphed(x_grad)), graphed_step))
     if args.compile:
         compiled_dense = torch.compile(dense)
         compiled_moe = torch.compile(moe, fullgraph=True)
