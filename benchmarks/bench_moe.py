@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -230,7 +231,12 @@ def main() -> None:
         # The forward rows pass the captured input itself (another tensor would be copied into it first).
         cases.append(("dense FFN, CUDA graph", dense, fwd(lambda t: graphed_dense(x_grad)), fwd_bwd(graphed_dense)))
         for backend, layer in usable.items():
-            graphed = torch.cuda.make_graphed_callables(WithAuxLoss(layer), (x_grad,))
+            try:
+                graphed = torch.cuda.make_graphed_callables(WithAuxLoss(layer), (x_grad,))
+            except RuntimeError as err:  # torch.AcceleratorError is a RuntimeError
+                report.setdefault("capture_errors", {})[backend] = traceback.format_exc()
+                print(f"backend={backend}: the training step could not be captured:\n{traceback.format_exc()}")
+                continue
 
             def graphed_step(graphed=graphed):
                 out, loss = graphed(x_grad)

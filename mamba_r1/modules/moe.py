@@ -115,8 +115,11 @@ class SwitchMoE(nn.Module):
     torch._grouped_mm over all of them (the dense FFN's work; dropped ones are computed and discarded);
     ``"bmm"`` lays them out (num_experts, capacity) and runs a batched matmul, whose buffer is the capacity
     computed from all tokens (padding included), or every token when capacity_factor is None (num_experts / top_k
-    times the dense work); ``"auto"`` picks bmm, except on Hopper GPUs in bf16 when the padded buffer would exceed
-    1.25 times the assignments (capacity_factor above 1.25 or None), where grouped_mm's fixed work wins.
+    times the dense work); ``"auto"`` picks grouped_mm on Hopper GPUs in bf16 unless the padded buffer holds no more
+    rows than the assignments (capacity_factor <= 1), and bmm everywhere else. On CUDA both run the bias adds and
+    the activation in fused kernels. A training step never syncs with the host and sizes its buffers from shapes,
+    so it can be captured whole in a CUDA graph (``torch.cuda.make_graphed_callables``; tested for grouped_mm and,
+    at small sizes, bmm), which removes the per-launch host overhead that bounds it eagerly on slow hosts.
     """
 
     def __init__(

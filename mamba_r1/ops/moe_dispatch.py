@@ -382,11 +382,14 @@ def grouped_mm_supported(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) ->
     return all(width % 8 == 0 for width in (*w1.shape[1:], w2.shape[-1]))
 
 
-# "auto" keeps the padded bmm layout on Hopper while its buffer holds at most this many times the assignments: at
-# capacity factor 1.25 (16,384 tokens, 1024 -> 4096, 8 experts, bf16, H200, 2026-11-30, bench_moe.py) bmm took
-# 2.56 ms forward+backward against grouped_mm's 3.01 despite 25% more rows, in three runs out of three. Past it
-# (capacity_factor None or large: up to num_experts / top_k times the dense work) the grouped layout's fixed work wins.
-AUTO_BMM_MAX_PADDING = 1.25
+# "auto" takes the padded bmm layout on Hopper only while its buffer holds at most this many times the assignments,
+# i.e. where it does no more matmul work than the grouped layout (capacity_factor <= 1: dropped assignments are not
+# computed). Measured at capacity factor 1.25 (16,384 tokens, 1024 -> 4096, 8 experts, bf16, H200, 2026-11-30,
+# benchmarks/moe_breakdown.py and bench_moe.py), with the fused bias/activation kernels on both layouts: GPU time per
+# training step 2.04 ms grouped against 2.14 ms bmm, and the grouped step captures in a CUDA graph (1.95 ms, 1.32x
+# the captured dense FFN) while the padded one's backward fails capture at that size. Before those kernels (bmm
+# through baddbmm) the rule was 1.25, from wall-clock runs where the host's launch overhead decided.
+AUTO_BMM_MAX_PADDING = 1.0
 
 
 def resolve_dispatch_backend(backend: str, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,

@@ -361,11 +361,12 @@ def test_bad_input_raises():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_training_step_can_be_captured_in_a_cuda_graph():
+@pytest.mark.parametrize("backend", ["grouped_mm", "bmm"])
+def test_training_step_can_be_captured_in_a_cuda_graph(backend):
     """No host sync and shape-sized buffers: make_graphed_callables captures forward and backward, and a replay on
     new inputs gives the eager layer's output and gradients."""
     torch.manual_seed(0)
-    moe = SwitchMoE(64, num_experts=4, expert_dim=128, device="cuda", dtype=torch.bfloat16)
+    moe = SwitchMoE(64, num_experts=4, expert_dim=128, backend=backend, device="cuda", dtype=torch.bfloat16)
 
     class WithLoss(torch.nn.Module):
         def __init__(self):

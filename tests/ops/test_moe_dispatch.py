@@ -289,14 +289,15 @@ def test_backend_resolution_and_errors():
         resolve_dispatch_backend("grouped_mm", torch.randn(4, 6), torch.randn(2, 6, 20), torch.randn(2, 20, 6))
 
 
-def test_auto_takes_bmm_while_its_padding_is_small(monkeypatch):
-    """Where grouped_mm runs (Hopper, bf16), "auto" still takes the padded bmm up to 1.25x the assignments."""
+def test_auto_takes_bmm_only_where_it_computes_no_more_rows(monkeypatch):
+    """Where grouped_mm runs (Hopper, bf16), "auto" takes the padded bmm only while its buffer holds no more rows
+    than the assignments (capacity_factor <= 1), grouped_mm otherwise."""
     import mamba_r1.ops.moe_dispatch as dispatch
 
     monkeypatch.setattr(dispatch, "grouped_mm_supported", lambda *args: True)
     x, w1, w2 = torch.randn(4, 12), torch.randn(2, 12, 20), torch.randn(2, 20, 12)
-    assert resolve_dispatch_backend("auto", x, w1, w2, padded_rows=1250, assignments=1000) == "bmm"
-    assert resolve_dispatch_backend("auto", x, w1, w2, padded_rows=1251, assignments=1000) == "grouped_mm"
+    assert resolve_dispatch_backend("auto", x, w1, w2, padded_rows=1000, assignments=1000) == "bmm"
+    assert resolve_dispatch_backend("auto", x, w1, w2, padded_rows=1001, assignments=1000) == "grouped_mm"
     assert resolve_dispatch_backend("auto", x, w1, w2) == "grouped_mm"
     assert resolve_dispatch_backend("bmm", x, w1, w2, padded_rows=8000, assignments=1000) == "bmm"
 
