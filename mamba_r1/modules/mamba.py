@@ -24,6 +24,7 @@ from einops import repeat
 from torch import nn
 
 from mamba_r1.ops.causal_conv1d import MAX_TRITON_WIDTH, causal_conv1d, causal_conv1d_update
+from mamba_r1.ops.channel_major_linear import channel_major_linear
 from mamba_r1.ops.decode_linear import small_batch_linear
 from mamba_r1.ops.selective_scan import BACKENDS, selective_scan
 from mamba_r1.ops.state_update import selective_state_update
@@ -31,30 +32,6 @@ from mamba_r1.ops.state_update import selective_state_update
 DT_INITS = ("random", "constant")
 # The decode ops have no "ref" backend: their torch path is the reference. "auto" = fused Triton kernels on CUDA.
 STEP_BACKENDS = {"auto": "auto", "ref": "torch", "torch": "torch", "triton": "triton"}
-
-
-def channel_major_linear(
-    weight: torch.Tensor,  # (out_features, in_features)
-    x: torch.Tensor,  # (batch, in_features, seqlen), any strides
-    bias: torch.Tensor | None = None,  # (out_features,)
-    time_major_out: bool = False,
-) -> torch.Tensor:
-    """``F.linear`` over the channel axis of a (batch, channels, seqlen) tensor: one batched GEMM with the weight
-    broadcast (batch stride 0). Returns (batch, out_features, seqlen) contiguous, so the conv and the scan get operands
-    with time stride 1, or with ``time_major_out`` (batch, seqlen, out_features) contiguous, for the residual stream.
-    No transposed copy is made on the way in or out: cuBLAS reads transposed operands."""
-    if torch.is_autocast_enabled(x.device.type):
-        # Cast before broadcasting: autocast would otherwise materialise a converted copy per batch row. The bias too,
-        # as F.linear under autocast does (a float32 bias would promote the output back to float32).
-        dtype = torch.get_autocast_dtype(x.device.type)
-        weight = weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    batch = x.shape[0]
-    if time_major_out:
-        out = torch.bmm(x.transpose(1, 2), weight.t().expand(batch, -1, -1))  # (batch, seqlen, out_features)
-        return out if bias is None else out + bias
-    out = torch.bmm(weight.expand(batch, -1, -1), x)  # (batch, out_features, seqlen)
-    return out if bias is None else out + bias[:, None]
 
 
 @dataclass

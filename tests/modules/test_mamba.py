@@ -525,7 +525,6 @@ def test_block_on_fused_kernels_compiles_with_fullgraph():
     got, want = compiled(x), block(x)
     assert torch.equal(got, want)
     grad, want_grad = torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0]
-    if DEVICE == "cpu":
-        assert torch.equal(grad, want_grad)
-    else:  # on CUDA the scan sums dB / dC with float32 atomics, in no fixed order
-        assert rel_err(grad, want_grad) <= F32
+    # Not bitwise: the traced backward may hand the projections' matmuls equal tensors in other layouts (their
+    # summation order follows), and on CUDA the scan sums dB / dC with float32 atomics, in no fixed order.
+    assert rel_err(grad, want_grad) <= (1e-6 if DEVICE == "cpu" else F32)
