@@ -37,13 +37,19 @@ FWD = [(512, 1, 1, 1, 1), (512, 1, 1, 2, 1), (256, 1, 1, 2, 1), (512, 1, 2, 2, 1
 BWD = [(512, 1, 1, 2, 1), (512, 1, 1, 3, 1), (256, 1, 1, 2, 1), (256, 1, 1, 3, 1)]
 
 
-def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1):
+# Backward register caps (maxnreg) tried at the table's backward row with --maxnreg: 255 registers allow 8 warps per
+# SM; 168 allow 12 with ~50 spill instructions per state (kernel_resources.py), 128 allow 16 with ~150. Measured on
+# an H200 (2026-11-30, the three SHAPES): none 2.437 / 9.849 / 4.255 ms, 168 2.690 / 13.67 / 4.898, 200 2.788 /
+# 10.99 / 4.887, 232 2.449 / 9.807 / 4.269: the spills cost more than the occupancy gains; the table sets no cap.
+
+
+def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, maxnreg=None):
     """Set the configuration; the kernel not being swept gets one channel per program and one warp."""
     fwd = fwd or (1, 1)
     bwd = bwd or (1, 1)
     triton_fwd.BLOCK_SIZE_OVERRIDE = triton_fwd.BlockSizes(chunk_l, fwd[0], fwd[1], bwd[0], bwd[1],
                                                            carry_in_memory=True, atomic_bc=True, n_stages=stages,
-                                                           unroll_n=unroll, bwd_n_stages=stages)
+                                                           unroll_n=unroll, bwd_n_stages=stages, bwd_maxnreg=maxnreg)
 
 
 class Checker:
@@ -102,21 +108,30 @@ def main():
     p.add_argument("--budget-s", type=float, default=300.0, help="stop starting new configurations after this")
     p.add_argument("--which", default="fwd,bwd")
     p.add_argument("--out", default="tune_scan.json")
+    p.add_argument("--maxnreg", default=None,
+                   help="comma-separated backward register caps to try at the table's backward row (0 = none), "
+                        "instead of the FWD / BWD lists")
     a = p.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in a.shapes.split(";")] if a.shapes else SHAPES
     checker, rows, start = Checker("cuda"), [], time.perf_counter()
     print(f"tune_scan on {device_name('cuda')}, torch {torch.__version__}", flush=True)
-    plan = [("fwd", c) for c in FWD] if "fwd" in a.which else []
-    plan += [("bwd", c) for c in BWD] if "bwd" in a.which else []
-    for kind, (chunk_l, block_d, warps, stages, unroll) in plan:
+    if a.maxnreg:
+        table = triton_fwd.BLOCK_SIZE_TABLE["cuda"]
+        row_cfg = (table.chunk_l, table.bwd_block_d, table.bwd_warps, table.bwd_n_stages, table.unroll_n)
+        plan = [("bwd", row_cfg, int(m) or None) for m in a.maxnreg.split(",")]
+    else:
+        plan = [("fwd", c, None) for c in FWD] if "fwd" in a.which else []
+        plan += [("bwd", c, None) for c in BWD] if "bwd" in a.which else []
+    for kind, (chunk_l, block_d, warps, stages, unroll), maxnreg in plan:
         if time.perf_counter() - start > a.budget_s:
             print(f"budget spent: skipped the rest from {kind} {chunk_l, block_d, warps, stages, unroll}")
             break
         if kind.startswith("fwd"):
             use(chunk_l, fwd=(block_d, warps), stages=stages, unroll=unroll)
         else:
-            use(chunk_l, bwd=(block_d, warps), stages=stages, unroll=unroll)
-        row = dict(kind=kind, chunk_l=chunk_l, block_d=block_d, warps=warps, n_stages=stages, unroll_n=unroll)
+            use(chunk_l, bwd=(block_d, warps), stages=stages, unroll=unroll, maxnreg=maxnreg)
+        row = dict(kind=kind, chunk_l=chunk_l, block_d=block_d, warps=warps, n_stages=stages, unroll_n=unroll,
+                   maxnreg=maxnreg)
         try:
             errs = [checker.errors(n) for n in sorted({s[3] for s in shapes})]
             row["fwd_err"], row["grad_err"] = max(e[0] for e in errs), max(e[1] for e in errs)
@@ -129,7 +144,8 @@ def main():
             row["error"] = f"{type(err).__name__}: {str(err)[:120]}"
         rows.append(row)
         times = " ".join(f"{row.get(str(s), float('nan')):8.3f}" for s in shapes)
-        print(f"{kind} chunk {chunk_l:5d} block_d {block_d:4d} warps {warps} stages {stages} unroll {unroll} | "
+        print(f"{kind} chunk {chunk_l:5d} block_d {block_d:4d} warps {warps} stages {stages} unroll {unroll} "
+              f"maxnreg {maxnreg or '-'} | "
               f"{times} | "
               f"err {row.get('fwd_err', float('nan')):.1e}/{row.get('grad_err', float('nan')):.1e} "
               f"{row.get('error', '')}", flush=True)

@@ -301,6 +301,7 @@ def selective_scan_bwd_launch(
 
     z_arg, dz_arg = ptr(z), ptr(dz)
     grid = (groups * blocks_per_group, batch)
+    launch_options = {} if sizes.bwd_maxnreg is None else {"maxnreg": sizes.bwd_maxnreg}
     _selective_scan_bwd_kernel[grid](
         u, delta, A, B, C, ptr(D), z_arg, ptr(delta_bias), ckpt, dout, ptr(dlast),
         du, ddelta, dz_arg,
@@ -321,7 +322,7 @@ def selective_scan_bwd_launch(
         CARRY_IN_MEMORY=sizes.carry_in_memory, ATOMIC_BC=sizes.atomic_bc,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
         N_STAGES=sizes.bwd_n_stages, UNROLL_N=sizes.unroll_n,
-        num_warps=sizes.bwd_warps,
+        num_warps=sizes.bwd_warps, **launch_options,
     )
     return {
         "A": dA_part.sum(0),

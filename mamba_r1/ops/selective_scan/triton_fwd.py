@@ -43,6 +43,10 @@ class BlockSizes:
     n_stages: int = 1
     unroll_n: int = 1
     bwd_n_stages: int = 1
+    # Backward: a register cap per thread (Triton's maxnreg; None = the compiler's choice, 255 at the table's row).
+    # Fewer registers fit more warps per SM at the price of spills to local memory (L1): 168-232 were 0-39% slower
+    # on an H200 (benchmarks/tune_scan.py --maxnreg), so the table sets none.
+    bwd_maxnreg: int | None = None
 
 
 # GPU tuning edits this table only. "cuda": from two sweeps with benchmarks/tune_scan.py on an H200 (2026-11-30, bf16;
