@@ -413,6 +413,36 @@ def _route_bwd_kernel(
     tl.store(grad_logits_ptr + tile, grad, mask=tile_mask)
 
 
+def _run(op, eager, *args):
+    """Call a custom op. Eagerly, its Python body runs under ``eager`` (a plain autograd.Function with the same
+    setup_context and backward, from _eager_function): the dispatcher and custom_op's autograd wrapper cost some
+    20 µs of host time per call and backward on a 2-core CPU, many times that on a slow host, and the layer is
+    host-bound there (benchmarks/moe_breakdown.py). Under torch.compile / export the op itself, whose schema and fake
+    the tracer needs."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return eager.apply(*args)
+
+
+def _backward_op(ctx, op, body):
+    """What a backward calls: the backward op's Python body when its forward ran eagerly (_run), the op itself when
+    the forward was traced, or when a backward is being traced (compiled autograd)."""
+    return body if getattr(ctx, "eager", False) and not torch.compiler.is_compiling() else op
+
+
+def _eager_function(name: str, body, setup_context, backward) -> type[torch.autograd.Function]:
+    """An autograd.Function running a custom op's body with the op's own setup_context and backward."""
+
+    def forward(ctx, *args):
+        ctx.eager = True
+        output = body(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
 def _interpreting() -> bool:
     """Whether this module's kernels run on Triton's CPU interpreter (see built_for_interpreter)."""
     return built_for_interpreter(_route_fwd_kernel)
@@ -439,8 +469,7 @@ def _slots(tokens: int, num_experts: int, top_k: int, grouped: bool, buffer_capa
     return tokens * top_k if grouped else num_experts * buffer_capacity
 
 
-@torch.library.custom_op("mamba_r1::moe_route", mutates_args=())
-def moe_route_op(
+def _moe_route(
     logits: Tensor,  # (tokens, num_experts) float32
     valid: Optional[Tensor],  # (tokens,) bool
     capacity: int,  # -1: none, or given as capacity_tensor
@@ -500,6 +529,9 @@ def moe_route_op(
             expert_of_slot, group_ends, loss, aux, lse, grad_scale)
 
 
+moe_route_op = torch.library.custom_op("mamba_r1::moe_route", mutates_args=())(_moe_route)
+
+
 @moe_route_op.register_fake
 def _(logits, valid, capacity, capacity_tensor, top_k, grouped, buffer_capacity, load_balance_coef, z_loss_coef):
     tokens, num_experts = logits.shape
@@ -517,8 +549,7 @@ def _(logits, valid, capacity, capacity_tensor, top_k, grouped, buffer_capacity,
             empty(tokens, dtype=torch.float32), empty(num_experts + 1, dtype=torch.float32))
 
 
-@torch.library.custom_op("mamba_r1::moe_route_bwd", mutates_args=())
-def moe_route_bwd_op(
+def _moe_route_bwd(
     probs: Tensor, lse: Tensor, expert_idx: Tensor, keep: Tensor, valid: Optional[Tensor], grad_scale: Tensor,
     grad_probs: Optional[Tensor], grad_gates: Optional[Tensor], grad_weights: Optional[Tensor],
     grad_loss: Optional[Tensor], grad_aux: Optional[Tensor], load_balance_coef: float, z_loss_coef: float,
@@ -546,6 +577,9 @@ def moe_route_bwd_op(
     return grad_logits
 
 
+moe_route_bwd_op = torch.library.custom_op("mamba_r1::moe_route_bwd", mutates_args=())(_moe_route_bwd)
+
+
 @moe_route_bwd_op.register_fake
 def _(probs, lse, expert_idx, keep, valid, grad_scale, grad_probs, grad_gates, grad_weights, grad_loss, grad_aux,
       load_balance_coef, z_loss_coef):
@@ -564,12 +598,14 @@ def _route_setup_context(ctx, inputs, output):
 def _route_backward(ctx, grad_probs, grad_idx, grad_gates, grad_rank, grad_keep, grad_weights, *grads):
     probs, lse, expert_idx, keep, valid, grad_scale = ctx.saved_tensors
     grad_loss, grad_aux = grads[-4], grads[-3]
-    grad_logits = moe_route_bwd_op(probs, lse, expert_idx, keep, valid, grad_scale, grad_probs, grad_gates,
-                                   grad_weights, grad_loss, grad_aux, *ctx.coefs)
+    grad_logits = _backward_op(ctx, moe_route_bwd_op, _moe_route_bwd)(
+        probs, lse, expert_idx, keep, valid, grad_scale, grad_probs, grad_gates, grad_weights, grad_loss, grad_aux,
+        *ctx.coefs)
     return grad_logits, None, None, None, None, None, None, None, None
 
 
 moe_route_op.register_autograd(_route_backward, setup_context=_route_setup_context)
+_RouteEager = _eager_function("_RouteEager", _moe_route, _route_setup_context, _route_backward)
 
 
 # ---------------------------------------------------------------------------------------------- public function
@@ -615,7 +651,7 @@ def route_and_plan(
     grouped = layout == "grouped"
     in_tensor = isinstance(capacity, torch.Tensor)
     (probs, expert_idx, gates, rank, keep, weights, counts, slot_of, token_of_slot, assignment_of_slot,
-     expert_of_slot, group_ends, loss, aux, _, _) = moe_route_op(
+     expert_of_slot, group_ends, loss, aux, _, _) = _run(moe_route_op, _RouteEager,
         logits.float(), valid, -1 if capacity is None or in_tensor else int(capacity),
         capacity if in_tensor else None, top_k, grouped, buffer_capacity, float(load_balance_coef),
         float(z_loss_coef))
@@ -708,8 +744,7 @@ def _combine_blocks(interpreting: bool) -> tuple[int, int, int]:
     return COMBINE_BLOCK_T_CUDA, COMBINE_BLOCK_D_CUDA, COMBINE_WARPS_CUDA
 
 
-@torch.library.custom_op("mamba_r1::moe_combine", mutates_args=())
-def moe_combine_op(rows: Tensor, weights: Tensor, slot_of: Tensor, token_of_slot: Tensor,
+def _moe_combine(rows: Tensor, weights: Tensor, slot_of: Tensor, token_of_slot: Tensor,
                    assignment_of_slot: Tensor, every_assignment_owns_a_row: bool) -> Tensor:
     """(slots, dim) rows, (tokens, top_k) weights -> (tokens, dim) in rows' dtype (``combine_tokens``)."""
     interpreting = _interpreting()
@@ -727,13 +762,15 @@ def moe_combine_op(rows: Tensor, weights: Tensor, slot_of: Tensor, token_of_slot
     return out if out.dtype == rows.dtype else out.to(rows.dtype)
 
 
+moe_combine_op = torch.library.custom_op("mamba_r1::moe_combine", mutates_args=())(_moe_combine)
+
+
 @moe_combine_op.register_fake
 def _(rows, weights, slot_of, token_of_slot, assignment_of_slot, every_assignment_owns_a_row):
     return rows.new_empty(slot_of.shape[0], rows.shape[-1])
 
 
-@torch.library.custom_op("mamba_r1::moe_combine_bwd", mutates_args=())
-def moe_combine_bwd_op(grad_out: Tensor, rows: Tensor, weights: Tensor, token_of_slot: Tensor,
+def _moe_combine_bwd(grad_out: Tensor, rows: Tensor, weights: Tensor, token_of_slot: Tensor,
                        assignment_of_slot: Tensor, every_assignment_owns_a_row: bool) -> tuple[Tensor, Tensor]:
     """-> grad_rows (slots, dim) in rows' dtype, grad_weights (tokens, top_k) float32 (0 where no row is owned)."""
     interpreting = _interpreting()
@@ -755,6 +792,9 @@ def moe_combine_bwd_op(grad_out: Tensor, rows: Tensor, weights: Tensor, token_of
     return (grad_rows if grad_rows.dtype == rows.dtype else grad_rows.to(rows.dtype)), grad_weights
 
 
+moe_combine_bwd_op = torch.library.custom_op("mamba_r1::moe_combine_bwd", mutates_args=())(_moe_combine_bwd)
+
+
 @moe_combine_bwd_op.register_fake
 def _(grad_out, rows, weights, token_of_slot, assignment_of_slot, every_assignment_owns_a_row):
     return torch.empty_like(rows), torch.empty_like(weights, dtype=torch.float32)
@@ -768,12 +808,14 @@ def _combine_setup_context(ctx, inputs, output):
 
 def _combine_backward(ctx, grad_out):
     rows, weights, token_of_slot, assignment_of_slot = ctx.saved_tensors
-    grad_rows, grad_weights = moe_combine_bwd_op(grad_out, rows, weights, token_of_slot, assignment_of_slot,
+    grad_rows, grad_weights = _backward_op(ctx, moe_combine_bwd_op, _moe_combine_bwd)(
+        grad_out, rows, weights, token_of_slot, assignment_of_slot,
                                                  ctx.owned)
     return grad_rows, grad_weights.to(weights.dtype), None, None, None, None
 
 
 moe_combine_op.register_autograd(_combine_backward, setup_context=_combine_setup_context)
+_CombineEager = _eager_function("_CombineEager", _moe_combine, _combine_setup_context, _combine_backward)
 
 
 def combine(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, backend: str = "auto") -> torch.Tensor:
@@ -784,8 +826,8 @@ def combine(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, backe
     if name == "torch" or triton is None or weights.dtype != torch.float32:
         return combine_tokens(rows, weights, plan)
     # The torch plans may hand over transposed (tokens, top_k) tensors; the kernels read them contiguous.
-    return moe_combine_op(rows, weights.contiguous(), plan.slot_of.contiguous(), plan.token_of_slot,
-                          plan.assignment_of_slot, plan.owns_slot is None)
+    return _run(moe_combine_op, _CombineEager, rows, weights.contiguous(), plan.slot_of.contiguous(),
+                plan.token_of_slot, plan.assignment_of_slot, plan.owns_slot is None)
 
 
 # ---------------------------------------------------------------------------------------------- bias + activation
@@ -918,8 +960,7 @@ def _bias_blocks(interpreting: bool) -> tuple[int, int, int]:
     return BIAS_BLOCK_R_CUDA, BIAS_BLOCK_W_CUDA, BIAS_WARPS_CUDA
 
 
-@torch.library.custom_op("mamba_r1::moe_bias_act", mutates_args=())
-def moe_bias_act_op(h: Tensor, bias: Tensor, expert_of_slot: Tensor, group_ends: Tensor, activation: str,
+def _moe_bias_act(h: Tensor, bias: Tensor, expert_of_slot: Tensor, group_ends: Tensor, activation: str,
                     capacity: int) -> Tensor:
     """(rows, width) h, (num_experts, width) bias -> act(h + bias[expert_of_slot]) (rows, width) in h's dtype.
     ``capacity`` > 0: the padded layout, row r belongs to expert r // capacity (expert_of_slot, group_ends unread)."""
@@ -937,13 +978,15 @@ def moe_bias_act_op(h: Tensor, bias: Tensor, expert_of_slot: Tensor, group_ends:
     return out if out.dtype == h.dtype else out.to(h.dtype)
 
 
+moe_bias_act_op = torch.library.custom_op("mamba_r1::moe_bias_act", mutates_args=())(_moe_bias_act)
+
+
 @moe_bias_act_op.register_fake
 def _(h, bias, expert_of_slot, group_ends, activation, capacity):
     return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("mamba_r1::moe_bias_act_bwd", mutates_args=())
-def moe_bias_act_bwd_op(grad: Tensor, h: Tensor, bias: Tensor, expert_of_slot: Tensor, group_ends: Tensor,
+def _moe_bias_act_bwd(grad: Tensor, h: Tensor, bias: Tensor, expert_of_slot: Tensor, group_ends: Tensor,
                         activation: str, capacity: int) -> tuple[Tensor, Tensor]:
     """-> grad_h (rows, width) in h's dtype (empty for activation "none": grad_h is grad), grad_bias like bias."""
     interpreting = _interpreting()
@@ -967,6 +1010,9 @@ def moe_bias_act_bwd_op(grad: Tensor, h: Tensor, bias: Tensor, expert_of_slot: T
     return grad_h.to(h.dtype), grad_bias.to(bias.dtype)
 
 
+moe_bias_act_bwd_op = torch.library.custom_op("mamba_r1::moe_bias_act_bwd", mutates_args=())(_moe_bias_act_bwd)
+
+
 @moe_bias_act_bwd_op.register_fake
 def _(grad, h, bias, expert_of_slot, group_ends, activation, capacity):
     rows = h.shape[0] if activation != "none" else 0
@@ -984,11 +1030,13 @@ def _bias_act_backward(ctx, grad):
     h, bias, expert_of_slot, group_ends = ctx.saved_tensors
     if h is None:
         h = grad  # only its shape is used
-    grad_h, grad_bias = moe_bias_act_bwd_op(grad, h, bias, expert_of_slot, group_ends, ctx.activation, ctx.capacity)
+    grad_h, grad_bias = _backward_op(ctx, moe_bias_act_bwd_op, _moe_bias_act_bwd)(
+        grad, h, bias, expert_of_slot, group_ends, ctx.activation, ctx.capacity)
     return (grad if ctx.activation == "none" else grad_h), grad_bias, None, None, None, None
 
 
 moe_bias_act_op.register_autograd(_bias_act_backward, setup_context=_bias_act_setup_context)
+_BiasActEager = _eager_function("_BiasActEager", _moe_bias_act, _bias_act_setup_context, _bias_act_backward)
 
 
 def bias_act(h: torch.Tensor, bias: torch.Tensor, plan: DispatchPlan, activation: str) -> torch.Tensor:
@@ -998,8 +1046,8 @@ def bias_act(h: torch.Tensor, bias: torch.Tensor, plan: DispatchPlan, activation
     it replaces: ``ffn_activation(h + bias[expert of each row])``."""
     if plan.capacity is not None:
         # The padded layout needs no index tensors: the bias stands in for the two unread ones.
-        return moe_bias_act_op(h, bias, bias, bias, activation, plan.capacity)
-    return moe_bias_act_op(h, bias, plan.expert_of_slot, plan.group_ends, activation, 0)
+        return _run(moe_bias_act_op, _BiasActEager, h, bias, bias, bias, activation, plan.capacity)
+    return _run(moe_bias_act_op, _BiasActEager, h, bias, plan.expert_of_slot, plan.group_ends, activation, 0)
 
 
 def expert_ffn_fused(rows, plan: DispatchPlan, w1, b1, w2, b2, activation: str, backend: str = "auto"):

@@ -257,3 +257,30 @@ def test_triton_backend_refuses_what_it_does_not_cover():
     with pytest.raises(ValueError, match="layout must be one of"):
         route_and_plan(logits, 1, layout="ragged")
     assert route_and_plan(logits, 1, priority="gate").routing.rank.shape == (5, 1)  # auto: the torch path
+
+
+def test_eager_path_matches_the_custom_ops(monkeypatch):
+    """Eagerly the kernels' Python bodies run under plain autograd.Functions (no dispatcher); traced, the custom ops
+    with their registered autograd. Both wirings must give the same outputs and gradients, bit for bit."""
+    monkeypatch.setattr(moe_routing, "resolve_backend", lambda op, backend, device: "triton")
+    monkeypatch.setattr(moe_routing, "resolve_routing_backend", lambda backend, logits, priority: "triton")
+    op_calls = []
+    route_op = moe_routing.moe_route_op
+    monkeypatch.setattr(moe_routing, "moe_route_op", lambda *args: op_calls.append(1) or route_op(*args))
+    results = []
+    for through_ops in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: through_ops)
+        for backend in ("grouped_mm", "bmm"):
+            torch.manual_seed(0)
+            moe = SwitchMoE(16, num_experts=5, expert_dim=24, capacity_factor=0.8, min_capacity=1, top_k=2,
+                            backend=backend, device=DEVICE)
+            x = torch.randn(2, 19, 16, device=DEVICE, requires_grad=True)
+            mask = torch.rand(2, 19, device=DEVICE) > 0.25
+            out, aux = moe(x, mask=mask, return_aux=True)
+            torch.autograd.backward([out, aux.loss], [torch.randn_like(out), None])
+            results.append([out.detach(), aux.loss.detach(), x.grad] + [p.grad for p in moe.parameters()])
+    assert len(op_calls) == 2  # the traced runs only
+    eager, traced = results[:2], results[2:]
+    for eager_run, traced_run in zip(eager, traced):
+        for got, want in zip(eager_run, traced_run):
+            assert torch.equal(got, want)
