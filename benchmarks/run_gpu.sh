@@ -3,7 +3,7 @@
 # $OUT/gpu_results.tgz ($OUT: the device tool's output folder). Usage (repo root; the lent image had no loguru in
 # 2026-11, so carry its wheel in .whl/, see the device tool's README):
 #   bash benchmarks/run_gpu.sh [STAGE ...]   stages: tests quicktests scan block moe memory decode profile
-#   profile_moe moe_breakdown profile_decode moetests decodelinear conv convsweep ncu tune (default: tests scan block moe memory decode profile)
+#   profile_moe moe_breakdown moe_capture profile_decode moetests decodelinear conv convsweep ncu tune (default: tests scan block moe memory decode profile)
 # The device's copy of the tree has no .git: `git checkout` there does nothing, so a stage cannot fall back to
 # committed files; run it on a tree where every imported file is present.
 set -uo pipefail
@@ -45,6 +45,9 @@ for w in $what; do
     profile) python3 benchmarks/profile_gpu.py block 2>&1 | tee "$OUT/profile_block.log" ;;
     profile_moe) python3 benchmarks/profile_gpu.py moe --rows 40 2>&1 | tee "$OUT/profile_moe.log" ;;
     moe_breakdown) python3 benchmarks/moe_breakdown.py 2>&1 | tee "$OUT/moe_breakdown.log" ;;
+    # Whole-step CUDA-graph captures of SwitchMoE, repeated per backend and capture mode (failures print tracebacks).
+    moe_capture) for mode in global thread_local; do python3 benchmarks/debug_moe_capture.py --repeat 3 --mode $mode; \
+              done 2>&1 | tee "$OUT/moe_capture.log" ;;
     profile_decode) for b in 1 64; do python3 benchmarks/profile_gpu.py decode --batch $b --rows 30; done 2>&1 \
               | tee "$OUT/profile_decode.log" ;;
     decodelinear) python3 benchmarks/bench_decode_linear.py --sweep 2>&1 | tee "$OUT/decode_linear.log" ;;
