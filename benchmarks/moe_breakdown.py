@@ -55,15 +55,18 @@ def backward_nodes_host_us(step_outputs) -> list[tuple[str, float]]:
         seen.add(node)
         nodes.append(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
-    starts, times = {}, []
+    starts, times, handles = {}, [], []
     for node in nodes:
-        node.register_prehook(lambda grads, node=node: starts.__setitem__(node, time.perf_counter()))
-        node.register_hook(lambda inputs, outputs, node=node: times.append(
-            (node.name(), 1e6 * (time.perf_counter() - starts[node]))))
+        handles.append(node.register_prehook(lambda grads, node=node: starts.__setitem__(node, time.perf_counter())))
+        handles.append(node.register_hook(lambda inputs, outputs, node=node: times.append(
+            (node.name(), 1e6 * (time.perf_counter() - starts[node])))))
     torch.cuda.synchronize()
     torch.cuda._sleep(SLEEP_CYCLES)
     torch.autograd.backward(roots, grads)
     torch.cuda.synchronize()
+    # The parameters' AccumulateGrad nodes outlive the graph: hooks left on them would run at every later step.
+    for handle in handles:
+        handle.remove()
     return times
 
 

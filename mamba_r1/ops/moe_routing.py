@@ -18,6 +18,10 @@ backend computes the same integers (ranks, keep, plan: exactly equal) and the sa
 
 Nothing reads a tensor on the host; buffers are sized from shapes. ``priority="gate"`` (a global sort by router
 confidence) has no kernel: it takes the torch path, as does an empty batch.
+
+Every kernel here (routing, combine, bias + activation) is a torch custom op with a fake and registered autograd,
+which torch.compile, export and opcheck use; eagerly the public functions run the same Python bodies under plain
+autograd.Functions (``_run``), skipping the dispatcher's per-call host cost.
 """
 
 from __future__ import annotations
@@ -745,7 +749,7 @@ def _combine_blocks(interpreting: bool) -> tuple[int, int, int]:
 
 
 def _moe_combine(rows: Tensor, weights: Tensor, slot_of: Tensor, token_of_slot: Tensor,
-                   assignment_of_slot: Tensor, every_assignment_owns_a_row: bool) -> Tensor:
+                 assignment_of_slot: Tensor, every_assignment_owns_a_row: bool) -> Tensor:
     """(slots, dim) rows, (tokens, top_k) weights -> (tokens, dim) in rows' dtype (``combine_tokens``)."""
     interpreting = _interpreting()
     check_triton_runtime("combine_tokens", rows.device, interpreting)
@@ -771,7 +775,7 @@ def _(rows, weights, slot_of, token_of_slot, assignment_of_slot, every_assignmen
 
 
 def _moe_combine_bwd(grad_out: Tensor, rows: Tensor, weights: Tensor, token_of_slot: Tensor,
-                       assignment_of_slot: Tensor, every_assignment_owns_a_row: bool) -> tuple[Tensor, Tensor]:
+                     assignment_of_slot: Tensor, every_assignment_owns_a_row: bool) -> tuple[Tensor, Tensor]:
     """-> grad_rows (slots, dim) in rows' dtype, grad_weights (tokens, top_k) float32 (0 where no row is owned)."""
     interpreting = _interpreting()
     check_triton_runtime("combine_tokens", rows.device, interpreting)
@@ -961,7 +965,7 @@ def _bias_blocks(interpreting: bool) -> tuple[int, int, int]:
 
 
 def _moe_bias_act(h: Tensor, bias: Tensor, expert_of_slot: Tensor, group_ends: Tensor, activation: str,
-                    capacity: int) -> Tensor:
+                  capacity: int) -> Tensor:
     """(rows, width) h, (num_experts, width) bias -> act(h + bias[expert_of_slot]) (rows, width) in h's dtype.
     ``capacity`` > 0: the padded layout, row r belongs to expert r // capacity (expert_of_slot, group_ends unread)."""
     interpreting = _interpreting()
@@ -987,7 +991,7 @@ def _(h, bias, expert_of_slot, group_ends, activation, capacity):
 
 
 def _moe_bias_act_bwd(grad: Tensor, h: Tensor, bias: Tensor, expert_of_slot: Tensor, group_ends: Tensor,
-                        activation: str, capacity: int) -> tuple[Tensor, Tensor]:
+                      activation: str, capacity: int) -> tuple[Tensor, Tensor]:
     """-> grad_h (rows, width) in h's dtype (empty for activation "none": grad_h is grad), grad_bias like bias."""
     interpreting = _interpreting()
     check_triton_runtime("bias_act", h.device, interpreting)

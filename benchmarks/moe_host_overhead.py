@@ -1,0 +1,118 @@
+"""The host side of a SwitchMoE training step on the CPU: its Python and dispatch cost with the Triton kernels stubbed
+out, through the eager path (plain autograd.Functions) and through the custom ops (what torch.compile traces).
+
+    TRITON_INTERPRET=1 OMP_NUM_THREADS=1 python benchmarks/moe_host_overhead.py
+
+On the lent GPU host the layer was host-bound (benchmarks/moe_breakdown.py); this measures the part of that cost
+that is this library's Python, on any machine, without a GPU. The kernels' launchers are replaced by no-ops and
+torch.empty by torch.zeros (the stubbed routing kernel would otherwise leave garbage indices), so the timings are
+the Python, the dispatcher and autograd around kernels that do nothing, plus the CPU aten ops (index_select, bmm on
+a tiny shape: 256 tokens, 64 -> 128, 8 experts). Prints forward and forward+backward per step (best of 7 x 100
+steps) per backend and path, and the median host time of each backward autograd node.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    raise SystemExit("set TRITON_INTERPRET=1 before running (the kernels' modules are imported for the interpreter)")
+
+import mamba_r1.ops.moe_routing as moe_routing  # noqa: E402
+from mamba_r1.modules.moe import SwitchMoE  # noqa: E402
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def stub_kernels() -> None:
+    for name in dir(moe_routing):
+        if name.startswith("_") and name.endswith("_kernel"):
+            setattr(moe_routing, name, _NoLaunch())
+    moe_routing._interpreting = lambda: True
+    moe_routing.resolve_backend = lambda op, backend, device: "triton"
+    moe_routing.resolve_routing_backend = lambda backend, logits, priority: "triton"
+    zeros = torch.zeros
+    torch.empty = lambda *args, **kwargs: zeros(*args, **kwargs)
+
+
+def best_us(fn, reps: int = 7, calls: int = 100) -> float:
+    for _ in range(20):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    return min(times)
+
+
+def backward_nodes_us(step_outputs, runs: int = 50) -> dict[str, float]:
+    """Median host µs of each backward node (pre-hook to post-hook), by node name."""
+    samples: dict[str, list[float]] = {}
+    for _ in range(runs):
+        roots, grads = step_outputs()
+        seen, stack, starts, handles = set(), [r.grad_fn for r in roots], {}, []
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            handles.append(node.register_prehook(lambda g, node=node: starts.__setitem__(node, time.perf_counter())))
+            handles.append(node.register_hook(lambda i, o, node=node: samples.setdefault(node.name(), []).append(
+                1e6 * (time.perf_counter() - starts[node]))))
+            stack.extend(n for n, _ in node.next_functions)
+        torch.autograd.backward(roots, grads)
+        # The parameters' AccumulateGrad nodes outlive the graph: hooks left on them would run at every later step.
+        for handle in handles:
+            handle.remove()
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def main() -> None:
+    stub_kernels()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; host µs per training step, kernels stubbed")
+    print("| backend | path | forward | forward+backward |")
+    print("| --- | --- | --- | --- |")
+    nodes = {}
+    eager_run, eager_backward_op = moe_routing._run, moe_routing._backward_op
+    for backend in ("grouped_mm", "bmm"):
+        torch.manual_seed(0)
+        moe = SwitchMoE(64, num_experts=8, expert_dim=128, capacity_factor=1.25, backend=backend)
+        x = torch.randn(256, 64, requires_grad=True)
+        grad = torch.randn(256, 64)
+
+        def forward():
+            with torch.no_grad():
+                moe(x, return_aux=True)
+
+        def step():
+            out, aux = moe(x, return_aux=True)
+            torch.autograd.backward([out, aux.loss], [grad, None])
+
+        def step_outputs():
+            out, aux = moe(x, return_aux=True)
+            return [out, aux.loss], [grad, None]
+
+        for path in ("custom ops", "eager Functions"):
+            # "custom ops": every call through the dispatcher, as under torch.compile (and before the eager path).
+            ops = path == "custom ops"
+            moe_routing._run = (lambda op, eager, *args: op(*args)) if ops else eager_run
+            moe_routing._backward_op = (lambda ctx, op, body: op) if ops else eager_backward_op
+            print(f"| {backend} | {path} | {best_us(forward):.0f} | {best_us(step):.0f} |", flush=True)
+            nodes[(backend, path)] = backward_nodes_us(step_outputs)
+    print("\nbackward, median host µs per autograd node")
+    for (backend, path), times in nodes.items():
+        print(f"  {backend}, {path}: " + ", ".join(f"{name.replace('GeneratedBackwardFor_mamba_r1_', '')} {us:.0f}"
+                                                 for name, us in sorted(times.items())))
+
+
+if __name__ == "__main__":
+    main()
