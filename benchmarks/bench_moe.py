@@ -7,7 +7,9 @@ Times forward (under no_grad, module in training mode so the training capacity a
 MoE side also backpropagates its auxiliary loss), median of many runs: triton.testing.do_bench on CUDA,
 time.perf_counter on CPU. On CUDA it first checks the layer against the loop reference (switch_moe_ref) on a slice
 of the tokens, and runs one training step with CUDA's sync debug mode set to "error", so a host sync on the path
-fails the run. Prints a table and writes benchmarks/results/moe.json.
+fails the run. On CUDA it also times whole steps captured in CUDA graphs (torch.cuda.make_graphed_callables, the
+dense FFN and each MoE backend; --no-graphs skips them; a capture that fails is reported and its row left out):
+the layer without the host's per-launch overhead. Prints a table and writes benchmarks/results/moe.json.
 """
 
 from __future__ import annotations
