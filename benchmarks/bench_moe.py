@@ -191,8 +191,12 @@ def main() -> None:
         _, aux = moe(x, return_aux=True)
     report["dropped_fraction"] = aux.dropped_fraction.item()
     report["tokens_per_expert"] = aux.tokens_per_expert.tolist()
-    loop_out = expert_loop(moe, x)
     with torch.no_grad():
+        # No autograd graph may outlive this point: one that holds the parameters' AccumulateGrad nodes (made on
+        # the default stream) makes the CUDA-graph captures below fail ("operation would make the legacy stream
+        # depend on a capturing blocking stream"). The loop's reference output once ran with grad here, and the
+        # auto backend's capture failed in every run because of it.
+        loop_out = expert_loop(moe, x)
         for backend, layer in usable.items():
             # Same seed, same weights: every backend must give the loop's answer.
             err = rel_err(layer(x), loop_out)

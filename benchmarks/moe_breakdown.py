@@ -125,7 +125,7 @@ def main() -> None:
                                 buffer_capacity=buffer_capacity, load_balance_coef=moe.load_balance_coef,
                                 z_loss_coef=moe.z_loss_coef)
         rows_in = permute_tokens(x, routed.plan)
-        rows_out = moe.experts(rows_in, routed.plan)
+        rows_out = moe.experts(rows_in, routed.plan, output_bias=False)  # as the layer runs them
 
     def no_grad(fn):
         def run():
@@ -146,8 +146,9 @@ def main() -> None:
             logits, 1, capacity, None, "position", layout=layout, buffer_capacity=buffer_capacity,
             load_balance_coef=moe.load_balance_coef, z_loss_coef=moe.z_loss_coef))),
         ("permute tokens", no_grad(lambda: permute_tokens(x, routed.plan))),
-        ("experts (2 matmuls, bias, act)", no_grad(lambda: moe.experts(rows_in, routed.plan))),
-        ("combine", no_grad(lambda: combine(rows_out, routed.weights, routed.plan))),
+        ("experts (2 matmuls, bias, act)", no_grad(lambda: moe.experts(rows_in, routed.plan, output_bias=False))),
+        ("combine (+ output bias)", no_grad(lambda: combine(rows_out, routed.weights, routed.plan,
+                                                            bias=moe.experts.b2))),
         ("whole forward", no_grad(lambda: moe(x, return_aux=True))),
         ("whole forward+backward", moe_step),
         ("dense FFN forward", no_grad(lambda: dense(x))),

@@ -89,10 +89,12 @@ class SwitchExperts(nn.Module):
             if bias is not None:
                 nn.init.uniform_(bias, -bound, bound)
 
-    def forward(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """rows: (slots, dim) tokens in the plan's buffer order -> (slots, dim) each row through its expert."""
-        # Grouped layout on CUDA: bias adds and activation fused into kernels; expert_ffn everywhere else.
-        return expert_ffn_fused(rows, plan, self.w1, self.b1, self.w2, self.b2, self.activation)
+    def forward(self, rows: torch.Tensor, plan: DispatchPlan, output_bias: bool = True) -> torch.Tensor:
+        """rows: (slots, dim) tokens in the plan's buffer order -> (slots, dim) each row through its expert;
+        ``output_bias=False`` leaves b2 out (SwitchMoE adds it while combining, saving a pass over the rows)."""
+        # On CUDA: bias adds and activation fused into kernels; expert_ffn everywhere else.
+        return expert_ffn_fused(rows, plan, self.w1, self.b1, self.w2, self.b2 if output_bias else None,
+                                self.activation)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, dim={self.dim}, expert_dim={self.expert_dim}, "
@@ -170,8 +172,9 @@ class SwitchMoE(nn.Module):
                                 layout="grouped" if backend == "grouped_mm" else "padded",
                                 buffer_capacity=buffer_capacity, load_balance_coef=self.load_balance_coef,
                                 z_loss_coef=self.z_loss_coef, losses=return_aux)
-        rows = self.experts(permute_tokens(tokens, routed.plan), routed.plan)  # (slots, dim)
-        out = combine(rows, routed.weights, routed.plan)  # (tokens, dim): one kernel on CUDA
+        # The experts' output bias is added by combine (one kernel on CUDA, forward and backward).
+        rows = self.experts(permute_tokens(tokens, routed.plan), routed.plan, output_bias=False)  # (slots, dim)
+        out = combine(rows, routed.weights, routed.plan, bias=self.experts.b2)  # (tokens, dim)
         out = out.view(x.shape)
         if not return_aux:
             return out

@@ -682,15 +682,30 @@ COMBINE_BLOCK_T_INTERPRET, COMBINE_BLOCK_D_INTERPRET = 4, 8
 
 
 @_jit
+def _row_expert(slot, mask, expert_ptr, capacity, PADDED: tl.constexpr):
+    """The expert of each buffer row: row // capacity in the padded layout, expert_of_slot in the grouped one; -1
+    where masked."""
+    if PADDED:
+        expert = tl.where(mask, slot // capacity, -1)
+    else:
+        expert = tl.load(expert_ptr + slot, mask=mask, other=-1)
+    return expert
+
+
+@_jit
 def _combine_fwd_kernel(
     rows_ptr,  # (slots, dim) expert outputs
     weights_ptr,  # (tokens, TOP_K) float32
     slot_of_ptr,  # (tokens, TOP_K) int64
+    bias_ptr,  # (num_experts, dim) output bias of the experts (read with HAS_BIAS)
+    expert_ptr,  # (slots,) int64 expert of each row (grouped layout with HAS_BIAS)
     out_ptr,  # (tokens, dim) in rows' dtype
-    tokens, dim,
-    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    tokens, dim, capacity,  # capacity: rows per expert of the padded layout
+    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, PADDED: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """One program per (block of tokens, block of features): out[t] = sum_j round(w[t, j]) * rows[slot_of[t, j]],
+    """One program per (block of tokens, block of features): out[t] = sum_j round(w[t, j]) * row_j with row_j =
+    rows[slot_of[t, j]] (+ bias[its expert], rounded to rows' dtype, as a separate bias kernel would store it),
     each product rounded to rows' dtype and the sum accumulated in float32, as the torch composition does."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -703,6 +718,10 @@ def _combine_fwd_kernel(
         slot = tl.load(slot_of_ptr + pair, mask=mask_t, other=0)
         weight = tl.load(weights_ptr + pair, mask=mask_t, other=0.0).to(rows_ty).to(tl.float32)
         row = tl.load(rows_ptr + slot[:, None] * dim + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            expert = _row_expert(slot, mask_t, expert_ptr, capacity, PADDED)
+            row += tl.load(bias_ptr + expert[:, None] * dim + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+            row = row.to(rows_ty).to(tl.float32)
         acc += (row * weight[:, None]).to(rows_ty).to(tl.float32)
     tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * dim + offs_d[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask)
@@ -714,31 +733,54 @@ def _combine_bwd_kernel(
     rows_ptr,  # (slots, dim)
     weights_ptr,  # (tokens, TOP_K) float32
     token_of_slot_ptr, assignment_of_slot_ptr,  # (slots,) int64
+    bias_ptr, expert_ptr,  # as in the forward (read with HAS_BIAS)
     grad_rows_ptr,  # (slots, dim) in rows' dtype
     grad_weights_ptr,  # (tokens * TOP_K,) float32; entries of assignments without a row are left alone
-    slots, dim, assignments,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    partial_ptr,  # (n_slot_blocks + num_experts, dim) float32 bias-gradient partial sums (written with HAS_BIAS)
+    slots, dim, assignments, capacity,
+    HAS_BIAS: tl.constexpr, PADDED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per block of slots, walking the features: grad_rows[s] = w[a] * grad_out[t] (0 for a row nobody
-    owns) and grad_w[a] = <rows[s], grad_out[t]>, for the assignment a = t * TOP_K + j that owns row s. Each
-    assignment owns at most one row, so every write has one writer: no atomics, deterministic."""
-    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    owns) and grad_w[a] = <row s (+ its expert's bias), grad_out[t]>, for the assignment a = t * TOP_K + j that owns
+    row s. Each assignment owns at most one row, so every write has one writer: no atomics, deterministic. With
+    HAS_BIAS the bias gradient (the sum of grad_rows over each expert's rows) leaves as per-(block, expert) column
+    sums at partial row block + expert, as in _bias_act_bwd_kernel (rows are sorted by expert in both layouts)."""
+    pid = tl.program_id(0)
+    offs_s = pid * BLOCK_S + tl.arange(0, BLOCK_S)
     mask_s = offs_s < slots
     rows_ty = rows_ptr.dtype.element_ty
     assignment = tl.load(assignment_of_slot_ptr + offs_s, mask=mask_s, other=assignments)
     owned = mask_s & (assignment < assignments)
     token = tl.load(token_of_slot_ptr + offs_s, mask=mask_s, other=0)
     weight = tl.load(weights_ptr + assignment, mask=owned, other=0.0).to(rows_ty).to(tl.float32)
+    if HAS_BIAS:
+        expert = _row_expert(offs_s, mask_s, expert_ptr, capacity, PADDED)
+        last_slot = tl.minimum(pid * BLOCK_S + BLOCK_S, slots) - 1
+        if PADDED:
+            first = (pid * BLOCK_S) // capacity
+            last = last_slot // capacity
+        else:
+            first = tl.load(expert_ptr + pid * BLOCK_S)
+            last = tl.load(expert_ptr + last_slot)
     dot = tl.zeros((BLOCK_S,), dtype=tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask = mask_s[:, None] & (offs_d < dim)[None, :]
+        mask_d = offs_d < dim
+        mask = mask_s[:, None] & mask_d[None, :]
         grad = tl.load(grad_out_ptr + token[:, None] * dim + offs_d[None, :], mask=mask, other=0.0)
         grad = grad.to(rows_ty).to(tl.float32)
-        row = tl.load(rows_ptr + offs_s.to(tl.int64)[:, None] * dim + offs_d[None, :], mask=mask, other=0.0)
-        dot += tl.sum(row.to(tl.float32) * grad, axis=1)
-        tl.store(grad_rows_ptr + offs_s.to(tl.int64)[:, None] * dim + offs_d[None, :],
-                 (grad * weight[:, None]).to(grad_rows_ptr.dtype.element_ty), mask=mask)
+        row = tl.load(rows_ptr + offs_s.to(tl.int64)[:, None] * dim + offs_d[None, :], mask=mask,
+                      other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            row += tl.load(bias_ptr + expert[:, None] * dim + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+            row = row.to(rows_ty).to(tl.float32)
+        dot += tl.sum(row * grad, axis=1)
+        grad_rows = (grad * weight[:, None]).to(grad_rows_ptr.dtype.element_ty)
+        tl.store(grad_rows_ptr + offs_s.to(tl.int64)[:, None] * dim + offs_d[None, :], grad_rows, mask=mask)
+        if HAS_BIAS:
+            for e in range(first, last + 1):
+                column = tl.sum(tl.where((expert == e)[:, None], grad_rows.to(tl.float32), 0.0), axis=0)
+                tl.store(partial_ptr + (pid + e) * dim + offs_d, column, mask=mask_d)
     tl.store(grad_weights_ptr + assignment, dot, mask=owned)
 
 
@@ -749,11 +791,14 @@ def _combine_blocks(interpreting: bool) -> tuple[int, int, int]:
 
 
 def _moe_combine(rows: Tensor, weights: Tensor, slot_of: Tensor, token_of_slot: Tensor,
-                 assignment_of_slot: Tensor, every_assignment_owns_a_row: bool) -> Tensor:
-    """(slots, dim) rows, (tokens, top_k) weights -> (tokens, dim) in rows' dtype (``combine_tokens``)."""
+                 assignment_of_slot: Tensor, every_assignment_owns_a_row: bool, bias: Optional[Tensor],
+                 expert_of_slot: Optional[Tensor], group_ends: Optional[Tensor], capacity: int) -> Tensor:
+    """(slots, dim) rows, (tokens, top_k) weights -> (tokens, dim) in rows' dtype (``combine_tokens``), with the
+    experts' (num_experts, dim) output ``bias`` added to each row first when given: a row's expert is
+    ``expert_of_slot`` (grouped layout, ``capacity`` 0) or row // ``capacity`` (padded layout)."""
     interpreting = _interpreting()
     check_triton_runtime("combine_tokens", rows.device, interpreting)
-    rows_k = for_kernel(rows.contiguous(), interpreting)
+    rows_k, bias_k = (for_kernel(t.contiguous() if t is not None else None, interpreting) for t in (rows, bias))
     weights, slot_of = weights.contiguous(), slot_of.contiguous()
     tokens, top_k = slot_of.shape
     dim = rows.shape[-1]
@@ -761,8 +806,10 @@ def _moe_combine(rows: Tensor, weights: Tensor, slot_of: Tensor, token_of_slot: 
     if out.numel() > 0:
         block_t, block_d, warps = _combine_blocks(interpreting)
         grid = (triton.cdiv(tokens, block_t), triton.cdiv(dim, block_d))
-        _combine_fwd_kernel[grid](rows_k, weights, slot_of, out, tokens, dim, TOP_K=top_k, BLOCK_T=block_t,
-                                  BLOCK_D=block_d, num_warps=warps)
+        _combine_fwd_kernel[grid](rows_k, weights, slot_of, bias_k if bias is not None else rows_k,
+                                  expert_of_slot if expert_of_slot is not None else slot_of, out, tokens, dim,
+                                  max(capacity, 1), TOP_K=top_k, HAS_BIAS=bias is not None, PADDED=capacity > 0,
+                                  BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
     return out if out.dtype == rows.dtype else out.to(rows.dtype)
 
 
@@ -770,86 +817,148 @@ moe_combine_op = torch.library.custom_op("mamba_r1::moe_combine", mutates_args=(
 
 
 @moe_combine_op.register_fake
-def _(rows, weights, slot_of, token_of_slot, assignment_of_slot, every_assignment_owns_a_row):
+def _(rows, weights, slot_of, token_of_slot, assignment_of_slot, every_assignment_owns_a_row, bias, expert_of_slot,
+      group_ends, capacity):
     return rows.new_empty(slot_of.shape[0], rows.shape[-1])
 
 
 def _moe_combine_bwd(grad_out: Tensor, rows: Tensor, weights: Tensor, token_of_slot: Tensor,
-                     assignment_of_slot: Tensor, every_assignment_owns_a_row: bool) -> tuple[Tensor, Tensor]:
-    """-> grad_rows (slots, dim) in rows' dtype, grad_weights (tokens, top_k) float32 (0 where no row is owned)."""
+                     assignment_of_slot: Tensor, every_assignment_owns_a_row: bool, bias: Optional[Tensor],
+                     expert_of_slot: Optional[Tensor], group_ends: Optional[Tensor],
+                     capacity: int) -> tuple[Tensor, Tensor, Tensor]:
+    """-> grad_rows (slots, dim) in rows' dtype, grad_weights (tokens, top_k) float32 (0 where no row is owned),
+    grad_bias like bias (an empty tensor without one)."""
     interpreting = _interpreting()
     check_triton_runtime("combine_tokens", rows.device, interpreting)
-    grad_k, rows_k = (for_kernel(t.contiguous(), interpreting) for t in (grad_out, rows))
+    grad_k, rows_k, bias_k = (for_kernel(t.contiguous() if t is not None else None, interpreting)
+                              for t in (grad_out, rows, bias))
     weights, token_of_slot, assignment_of_slot = (t.contiguous() for t in (weights, token_of_slot,
                                                                           assignment_of_slot))
     slots, dim = rows.shape
+    block_s, block_d, warps = _combine_blocks(interpreting)
+    n_blocks = triton.cdiv(slots, block_s)
     grad_rows = torch.empty(slots, dim, device=rows.device, dtype=rows_k.dtype)
     # A dropped assignment of the padded layout has no row, hence no writer: start from zeros there.
     new = torch.empty_like if every_assignment_owns_a_row else torch.zeros_like
     grad_weights = new(weights, dtype=torch.float32)
+    has_bias = bias is not None
+    num_experts = bias.shape[0] if has_bias else 0
+    partial = torch.empty(n_blocks + num_experts if has_bias else 0, dim, device=rows.device, dtype=torch.float32)
+    grad_bias = torch.empty(bias.shape if has_bias else (0,), device=rows.device, dtype=torch.float32)
     if grad_rows.numel() > 0:
-        block_s, block_d, warps = _combine_blocks(interpreting)
-        _combine_bwd_kernel[(triton.cdiv(slots, block_s),)](
-            grad_k, rows_k, weights, token_of_slot, assignment_of_slot, grad_rows, grad_weights,
-            slots, dim, weights.numel(), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
+        _combine_bwd_kernel[(n_blocks,)](
+            grad_k, rows_k, weights, token_of_slot, assignment_of_slot, bias_k if has_bias else rows_k,
+            expert_of_slot if expert_of_slot is not None else token_of_slot, grad_rows, grad_weights,
+            partial if has_bias else grad_weights, slots, dim, weights.numel(), max(capacity, 1),
+            HAS_BIAS=has_bias, PADDED=capacity > 0, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
         )
-    return (grad_rows if grad_rows.dtype == rows.dtype else grad_rows.to(rows.dtype)), grad_weights
+    if has_bias and grad_rows.numel() == 0:
+        grad_bias = torch.zeros_like(bias)
+    elif has_bias:
+        bias_block_w = min(block_d, triton.next_power_of_2(max(dim, 1)))
+        _bias_grad_kernel[(num_experts, triton.cdiv(dim, bias_block_w))](
+            partial, group_ends if group_ends is not None else token_of_slot, grad_bias, dim, max(capacity, 1),
+            PADDED=capacity > 0, BLOCK_R=block_s, BLOCK_W=bias_block_w, num_warps=warps)
+        grad_bias = grad_bias.to(bias.dtype)
+    return (grad_rows if grad_rows.dtype == rows.dtype else grad_rows.to(rows.dtype)), grad_weights, grad_bias
 
 
 moe_combine_bwd_op = torch.library.custom_op("mamba_r1::moe_combine_bwd", mutates_args=())(_moe_combine_bwd)
 
 
 @moe_combine_bwd_op.register_fake
-def _(grad_out, rows, weights, token_of_slot, assignment_of_slot, every_assignment_owns_a_row):
-    return torch.empty_like(rows), torch.empty_like(weights, dtype=torch.float32)
+def _(grad_out, rows, weights, token_of_slot, assignment_of_slot, every_assignment_owns_a_row, bias, expert_of_slot,
+      group_ends, capacity):
+    grad_bias = torch.empty_like(bias) if bias is not None else rows.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(rows), torch.empty_like(weights, dtype=torch.float32), grad_bias
 
 
 def _combine_setup_context(ctx, inputs, output):
-    rows, weights, slot_of, token_of_slot, assignment_of_slot, owned = inputs
-    ctx.save_for_backward(rows, weights, token_of_slot, assignment_of_slot)
-    ctx.owned = owned
+    rows, weights, slot_of, token_of_slot, assignment_of_slot, owned, bias, expert_of_slot, group_ends, capacity = \
+        inputs
+    ctx.save_for_backward(rows, weights, token_of_slot, assignment_of_slot, bias, expert_of_slot, group_ends)
+    ctx.owned, ctx.capacity = owned, capacity
 
 
 def _combine_backward(ctx, grad_out):
-    rows, weights, token_of_slot, assignment_of_slot = ctx.saved_tensors
-    grad_rows, grad_weights = _backward_op(ctx, moe_combine_bwd_op, _moe_combine_bwd)(
-        grad_out, rows, weights, token_of_slot, assignment_of_slot,
-                                                 ctx.owned)
-    return grad_rows, grad_weights.to(weights.dtype), None, None, None, None
+    rows, weights, token_of_slot, assignment_of_slot, bias, expert_of_slot, group_ends = ctx.saved_tensors
+    grad_rows, grad_weights, grad_bias = _backward_op(ctx, moe_combine_bwd_op, _moe_combine_bwd)(
+        grad_out, rows, weights, token_of_slot, assignment_of_slot, ctx.owned, bias, expert_of_slot, group_ends,
+        ctx.capacity)
+    return (grad_rows, grad_weights.to(weights.dtype), None, None, None, None,
+            grad_bias if bias is not None else None, None, None, None)
 
 
 moe_combine_op.register_autograd(_combine_backward, setup_context=_combine_setup_context)
 _CombineEager = _eager_function("_CombineEager", _moe_combine, _combine_setup_context, _combine_backward)
 
 
-def combine(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, backend: str = "auto") -> torch.Tensor:
+def _row_experts(plan: DispatchPlan, slots: int, device) -> torch.Tensor:
+    """(slots,) int64 expert of each buffer row: the grouped plan's expert_of_slot, row // capacity when padded."""
+    if plan.expert_of_slot is not None:
+        return plan.expert_of_slot
+    return torch.arange(slots, device=device) // max(plan.capacity, 1)
+
+
+def combine(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, backend: str = "auto",
+            bias: torch.Tensor | None = None) -> torch.Tensor:
     """``combine_tokens`` (moe_dispatch.py, the torch path and the specification) as one kernel forward and one
-    backward: (slots, dim) expert outputs, (tokens, top_k) float32 weights -> (tokens, dim). ``backend``: "torch",
-    "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "auto" (triton on CUDA tensors, torch otherwise)."""
+    backward: (slots, dim) expert outputs, (tokens, top_k) float32 weights -> (tokens, dim). ``bias``
+    (num_experts, dim), the experts' output bias, is added to each row first (rounded to rows' dtype, as a bias
+    kernel would store it): SwitchMoE adds its experts' second bias here instead of in a pass of its own. ``backend``:
+    "torch", "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "auto" (triton on CUDA tensors, torch otherwise)."""
     name = resolve_backend("combine_tokens", backend, rows.device)
+    if bias is not None and (bias.dim() != 2 or bias.shape[1] != rows.shape[-1]):
+        raise ValueError(f"combine: bias must be (num_experts, dim) with dim = rows.shape[-1] = {rows.shape[-1]}; "
+                         f"got shape {tuple(bias.shape)}")
     if name == "torch" or triton is None or weights.dtype != torch.float32:
+        if bias is not None:
+            rows = rows + bias[_row_experts(plan, rows.shape[0], rows.device)].to(rows.dtype)
         return combine_tokens(rows, weights, plan)
     # The torch plans may hand over transposed (tokens, top_k) tensors; the kernels read them contiguous.
+    grouped = plan.capacity is None
+    expert_of_slot = plan.expert_of_slot if bias is not None and grouped else None
+    group_ends = plan.group_ends if bias is not None and grouped else None
     return _run(moe_combine_op, _CombineEager, rows, weights.contiguous(), plan.slot_of.contiguous(),
-                plan.token_of_slot, plan.assignment_of_slot, plan.owns_slot is None)
+                plan.token_of_slot, plan.assignment_of_slot, plan.owns_slot is None, bias, expert_of_slot,
+                group_ends, 0 if grouped else plan.capacity)
 
 
 # ---------------------------------------------------------------------------------------------- bias + activation
 
 # Activations the fused bias kernels compute ("none": a plain bias add); swiglu takes the torch path.
 BIAS_ACTIVATIONS = ("gelu", "silu", "none")
-# Tiles on GPU: 64 rows x 128 features, 4 warps (elementwise; not tuned). Interpreter: 4 x 8.
-BIAS_BLOCK_R_CUDA, BIAS_BLOCK_W_CUDA, BIAS_WARPS_CUDA = 64, 128, 4
+# Tiles on GPU (rows, features, warps), forward and backward alike: the best of a sweep of 32-128 rows x 64-256
+# features x 4 or 8 warps at SwitchMoE's TARGETS.md shape (benchmarks/tune_moe_kernels.py, H200, 2026-11-30). With
+# libdevice's erf the GELU kernels were compute-bound (~2.5 TB/s) and the old 64 x 128 x 4 tile took 121.5 µs forward
+# and 254.5 backward on 16384 x 4096; with _gauss_cdf's erf and this tile 83.6 and 140.5 (3.2 and 2.9 TB/s).
+BIAS_BLOCKS_CUDA = (32, 128, 4)
 BIAS_BLOCK_R_INTERPRET, BIAS_BLOCK_W_INTERPRET = 4, 8
 _ACT_CODE = {"none": 0, "gelu": 1, "silu": 2}
 
 
 @_jit
+def _gauss_cdf(x):
+    """Phi(x), the standard normal CDF = (1 + erf(x / sqrt 2)) / 2, and exp(-x^2 / 2), in float32. erf by
+    Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7, below float32's rounding of x Phi(x) for |x| >~ 1; and
+    exactly what GELU's derivative needs: its exponential is the normal density's). libdevice's erf costs ~30
+    instructions per element, enough to make the GELU kernels compute-bound at ~2.5 TB/s on an H200; this costs ~12
+    (one reciprocal, one exp2)."""
+    # t = 1 / (1 + p z) with z = |x| / sqrt 2; the polynomial's coefficients a_i / 2, so that it gives Phi(-|x|).
+    t = tl.math.fdiv(tl.full(x.shape, 1.0, tl.float32), 1.0 + 0.23164189825822543 * tl.abs(x), ieee_rounding=False)
+    poly = t * (0.127414796 + t * (-0.142248368 + t * (0.7107068705 + t * (-0.7265760135 + t * 0.5307027145))))
+    e = tl.exp2(x * (x * -0.7213475204444817))  # exp(-x^2 / 2) = exp(-z^2)
+    tail = poly * e  # Phi(-|x|), with no cancellation in the tail
+    return tl.where(x >= 0.0, 1.0 - tail, tail), e
+
+
+@_jit
 def _act_fwd(x, ACT: tl.constexpr):
-    """ACT 1: exact (erf) GELU, nn.GELU's default; 2: SiLU; 0: the identity."""
+    """ACT 1: GELU, nn.GELU's default (erf) form, to float32 accuracy (_gauss_cdf); 2: SiLU; 0: the identity."""
     y = x
     if ACT == 1:
-        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        cdf, _ = _gauss_cdf(x)
+        y = x * cdf
     if ACT == 2:
         y = x * tl.sigmoid(x)
     return y
@@ -857,10 +966,10 @@ def _act_fwd(x, ACT: tl.constexpr):
 
 @_jit
 def _act_grad(x, ACT: tl.constexpr):
-    """d act / dx for ACT 1 (GELU) or 2 (SiLU)."""
+    """d act / dx for ACT 1 (GELU: Phi(x) + x phi(x)) or 2 (SiLU)."""
     if ACT == 1:
-        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-        dy = cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+        cdf, e = _gauss_cdf(x)
+        dy = cdf + x * e * 0.3989422804014327
     else:
         sig = tl.sigmoid(x)
         dy = sig * (1.0 + x * (1.0 - sig))
@@ -959,9 +1068,10 @@ def _bias_grad_kernel(
 
 
 def _bias_blocks(interpreting: bool) -> tuple[int, int, int]:
+    """(rows, features, num_warps) of the bias kernels' tiles."""
     if interpreting:
         return BIAS_BLOCK_R_INTERPRET, BIAS_BLOCK_W_INTERPRET, 1
-    return BIAS_BLOCK_R_CUDA, BIAS_BLOCK_W_CUDA, BIAS_WARPS_CUDA
+    return BIAS_BLOCKS_CUDA
 
 
 def _moe_bias_act(h: Tensor, bias: Tensor, expert_of_slot: Tensor, group_ends: Tensor, activation: str,
@@ -1056,19 +1166,21 @@ def bias_act(h: torch.Tensor, bias: torch.Tensor, plan: DispatchPlan, activation
 
 def expert_ffn_fused(rows, plan: DispatchPlan, w1, b1, w2, b2, activation: str, backend: str = "auto"):
     """``expert_ffn`` with the bias adds and activation fused into kernels (CUDA, or CPU under TRITON_INTERPRET=1
-    with backend="triton"), for both layouts; every other case (swiglu, no biases) is ``expert_ffn`` itself.
-    In the padded layout this replaces baddbmm, whose broadcast bias cuBLAS first copies into the whole output."""
+    with backend="triton"), for both layouts; every other case (swiglu, no first bias) is ``expert_ffn`` itself.
+    ``b2`` None leaves the output bias out (SwitchMoE adds it in ``combine``). In the padded layout this replaces
+    baddbmm, whose broadcast bias cuBLAS first copies into the whole output."""
     name = resolve_backend("expert_ffn", backend, rows.device)
-    if name == "torch" or triton is None or activation not in BIAS_ACTIVATIONS or b1 is None or b2 is None:
+    if name == "torch" or triton is None or activation not in BIAS_ACTIVATIONS or b1 is None:
         return expert_ffn(rows, plan, w1, b1, w2, b2, activation)
     if plan.group_ends is not None:
         h = bias_act(grouped_matmul(rows, w1, plan.group_ends), b1, plan, activation)  # (slots, expert_dim)
-        return bias_act(grouped_matmul(h, w2, plan.group_ends), b2, plan, "none")  # (slots, dim)
-    num_experts, capacity = w1.shape[0], plan.capacity
-    h = torch.bmm(rows.view(num_experts, capacity, rows.shape[-1]), w1)  # (num_experts, capacity, expert_dim)
-    h = bias_act(h.view(-1, h.shape[-1]), b1, plan, activation)  # (slots, expert_dim)
-    y = torch.bmm(h.view(num_experts, capacity, h.shape[-1]), w2)  # (num_experts, capacity, dim)
-    return bias_act(y.view(-1, y.shape[-1]), b2, plan, "none")  # (slots, dim)
+        y = grouped_matmul(h, w2, plan.group_ends)  # (slots, dim)
+    else:
+        num_experts, capacity = w1.shape[0], plan.capacity
+        h = torch.bmm(rows.view(num_experts, capacity, rows.shape[-1]), w1)  # (num_experts, capacity, expert_dim)
+        h = bias_act(h.view(-1, h.shape[-1]), b1, plan, activation)  # (slots, expert_dim)
+        y = torch.bmm(h.view(num_experts, capacity, h.shape[-1]), w2).view(-1, w2.shape[-1])  # (slots, dim)
+    return bias_act(y, b2, plan, "none") if b2 is not None else y
 
 
 __all__ = ["BIAS_ACTIVATIONS", "LAYOUTS", "RoutedTokens", "RouterLosses", "bias_act", "combine", "expert_ffn_fused",

@@ -101,28 +101,45 @@ def test_route_and_plan_gradient_matches_the_torch_composition(case, use_all):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(deadline=None, max_examples=15)
-@given(case=route_cases(), dim=st.integers(1, 19))
-def test_combine_kernel_matches_combine_tokens(dtype, case, dim):
+@given(case=route_cases(), dim=st.integers(1, 19), with_bias=st.booleans())
+def test_combine_kernel_matches_combine_tokens(dtype, case, dim, with_bias):
     routed = _route(case, "torch")
+    plan = routed.plan
     gen = torch.Generator().manual_seed(case["seed"])
-    rows = torch.randn(routed.plan.token_of_slot.numel(), dim, generator=gen).to(DEVICE, dtype)
+    slots = plan.token_of_slot.numel()
+    rows = torch.randn(slots, dim, generator=gen).to(DEVICE, dtype)
     grad = torch.randn(case["tokens"], dim, generator=gen).to(DEVICE, dtype)
+    bias = torch.randn(case["num_experts"], dim, generator=gen).to(DEVICE, dtype) if with_bias else None
+    # The expert of each buffer row, written out here independently of the library's helper.
+    if plan.capacity is None:
+        expert_of_row = plan.expert_of_slot
+    else:
+        expert_of_row = torch.arange(slots, device=DEVICE) // plan.capacity
     results = []
-    def kernel(rows, weights, plan):
-        return combine(rows, weights, plan, backend="triton")
 
-    for fn, leaf_dtype in ((combine_tokens, torch.float64), (kernel, dtype)):
+    def composition(rows, weights, bias):
+        return combine_tokens(rows + bias[expert_of_row] if bias is not None else rows, weights, plan)
+
+    def kernel(rows, weights, bias):
+        return combine(rows, weights, plan, backend="triton", bias=bias)
+
+    for fn, leaf_dtype in ((composition, torch.float64), (kernel, dtype)):
         leaf_rows = rows.to(leaf_dtype).requires_grad_()
         leaf_weights = routed.weights.detach().to(leaf_dtype if leaf_dtype == torch.float64 else torch.float32)
         leaf_weights.requires_grad_()
-        out = fn(leaf_rows, leaf_weights, routed.plan)
+        leaf_bias = bias.to(leaf_dtype).requires_grad_() if with_bias else None
+        out = fn(leaf_rows, leaf_weights, leaf_bias)
         out.backward(grad.to(out.dtype))
         # A dropped assignment's weight gradient is discarded upstream (weights = gates * keep).
-        results.append((out, leaf_rows.grad, leaf_weights.grad * routed.routing.keep))
-    (want, want_rows, want_weights), (got, got_rows, got_weights) = results
+        results.append((out, leaf_rows.grad, leaf_weights.grad * routed.routing.keep,
+                        leaf_bias.grad if with_bias else None))
+    (want, want_rows, want_weights, want_bias), (got, got_rows, got_weights, got_bias) = results
     assert got.dtype == dtype and got_rows.dtype == dtype
     assert rel_err(got, want) <= TOL[dtype]
     assert rel_err(got_rows, want_rows) <= GRAD_TOL[dtype]
+    if with_bias:
+        assert got_bias.dtype == dtype
+        assert rel_err(got_bias, want_bias) <= GRAD_TOL[dtype]
     assert rel_err(got_weights, want_weights) <= GRAD_TOL[dtype]
 
 
@@ -213,10 +230,15 @@ def _opcheck_all():
                                              None, torch.randn(11, 2), torch.randn(()), None, 0.1, 0.01))
 
     rows = torch.randn(22, 8, requires_grad=True)
-    torch.library.opcheck(moe_combine_op, (rows, weights.requires_grad_(), slot_of, token_of_slot,
-                                           assignment_of_slot, True))
-    torch.library.opcheck(moe_combine_bwd_op, (torch.randn(11, 8), rows.detach(), weights.detach(), token_of_slot,
-                                               assignment_of_slot, True))
+    out_bias = torch.randn(4, 8, requires_grad=True)
+    # Without the experts' output bias; with it in the grouped layout (capacity 0: expert_of_slot, group_ends)
+    # and in the padded one (capacity 6: row // 6, the index tensors unread).
+    for extra in ((None, None, None, 0), (out_bias, expert_of_slot, group_ends, 0), (out_bias, None, None, 6)):
+        torch.library.opcheck(moe_combine_op, (rows, weights.requires_grad_(), slot_of, token_of_slot,
+                                               assignment_of_slot, True, *extra))
+        bwd_extra = (extra[0].detach() if extra[0] is not None else None, *extra[1:])
+        torch.library.opcheck(moe_combine_bwd_op, (torch.randn(11, 8), rows.detach(), weights.detach(),
+                                                   token_of_slot, assignment_of_slot, True, *bwd_extra))
     h, bias = torch.randn(22, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
     for activation in moe_routing.BIAS_ACTIVATIONS:
         # capacity 0: the grouped layout's index tensors; 6: the padded layout (22 rows, the last expert's partly).
