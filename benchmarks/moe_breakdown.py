@@ -1,17 +1,20 @@
 """Where a SwitchMoE training step's time goes, stage by stage: GPU time and host (Python + launch) time.
 
-    python benchmarks/moe_breakdown.py [--backend auto|bmm|grouped_mm]   (CUDA; TARGETS.md's shape)
+    python benchmarks/moe_breakdown.py [--backend auto|bmm|grouped_mm] (CUDA; TARGETS.md's shape)
 
 For each stage (router logits, routing + plan, permute, experts, combine, whole forward, whole forward+backward)
 and for the dense FFN it enqueues N calls behind a GPU sleep, so the host never waits for the GPU: the host time is
 what Python and the launches cost per call, the GPU time (CUDA events around the N calls, which run back to back
 once the sleep ends) what the kernels cost. A stage whose host time exceeds its GPU time is launch-bound: in a
 loop like bench_moe.py's the GPU idles for the difference. The layer is checked against the per-expert loop first.
+Then the host time of each autograd node of the backward, the median of several backwards. (A cProfile cannot see
+it: on CUDA the autograd engine runs the backward's Python on its own device thread.)
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -19,10 +22,12 @@ from bench_moe import expert_loop, rel_err
 
 from mamba_r1.modules.mlp import MLP
 from mamba_r1.modules.moe import SwitchMoE
+from mamba_r1.ops import moe_routing
 from mamba_r1.ops.moe_dispatch import permute_tokens, resolve_dispatch_backend
 from mamba_r1.ops.moe_routing import combine, route_and_plan
 
 CALLS = 20
+BACKWARD_RUNS = 7
 SLEEP_CYCLES = 400_000_000  # ~0.2 s at H100/H200 clocks: longer than the host needs to enqueue CALLS calls
 
 
@@ -170,10 +175,38 @@ def main() -> None:
 
     for _ in range(2):
         backward_nodes_host_us(step_outputs)  # warm-up (the hooks are per graph: each call builds a new one)
-    times = backward_nodes_host_us(step_outputs)
-    print(f"\nbackward, host µs per autograd node (total {sum(t for _, t in times):.0f}):")
+    # One backward is one sample per node (a garbage-collector pass lands on some node): the median of several.
+    runs = [backward_nodes_host_us(step_outputs) for _ in range(BACKWARD_RUNS)]
+    times = [(run_nodes[0][0], statistics.median(run[i][1] for run in runs))
+             for i, run_nodes in enumerate(zip(*runs))]
+    print(f"\nbackward, host µs per autograd node, median of {BACKWARD_RUNS} backwards "
+          f"(total {sum(t for _, t in times):.0f}):")
     for name, us in times:
         print(f"  {name:60s} {us:7.0f}")
+    # The same backward bodies called directly from the main thread (GPU asleep): against the node times above, what
+    # the autograd engine's device thread adds to each.
+    plan, ex = routed.plan, moe.experts
+    h = torch.randn(rows_out.shape[0], ex.w1.shape[-1], **factory)
+    direct = {
+        "combine backward body (+ output bias)": lambda: moe_routing._moe_combine_bwd(
+            grad, rows_out, routed.weights, plan.token_of_slot, plan.assignment_of_slot, True, ex.b2,
+            plan.expert_of_slot, plan.group_ends, 0),
+        "combine backward body (no bias)": lambda: moe_routing._moe_combine_bwd(
+            grad, rows_out, routed.weights, plan.token_of_slot, plan.assignment_of_slot, True, None, None, None, 0),
+        "bias + GELU backward body": lambda: moe_routing._moe_bias_act_bwd(
+            h, h, ex.b1, plan.expert_of_slot, plan.group_ends, "gelu", 0),
+        "two torch.mm (router logits' backward)": lambda: (torch.mm(logits.to(x.dtype), moe.router.weight),
+                                                           torch.mm(logits.to(x.dtype).t(), x)),
+    }
+    if plan.group_ends is not None:
+        # The first projection's backward: input and weight gradients from the hidden gradient (h stands in).
+        direct["two torch._grouped_mm (a projection's backward)"] = lambda: (
+            torch._grouped_mm(h, ex.w1.transpose(-2, -1), offs=plan.group_ends),
+            torch._grouped_mm(rows_in.t(), h, offs=plan.group_ends))
+    print("\nthe same work called directly from the main thread, host µs per call:")
+    with torch.no_grad():
+        for name, fn in direct.items():
+            print(f"  {name:60s} {host_and_gpu_us(fn)[0]:7.0f}")
     print("\nhost µs per launch:")
     for name, us in triton_launch_us().items():
         print(f"  {name:40s} {us:6.1f}")
