@@ -195,7 +195,7 @@ def main() -> None:
         # No autograd graph may outlive this point: one that holds the parameters' AccumulateGrad nodes (made on
         # the default stream) makes the CUDA-graph captures below fail ("operation would make the legacy stream
         # depend on a capturing blocking stream"). The loop's reference output once ran with grad here, and the
-        # auto backend's capture failed in every run because of it.
+        # auto backend's capture failed because of it (auto changed between runs: "a different backend each time").
         loop_out = expert_loop(moe, x)
         for backend, layer in usable.items():
             # Same seed, same weights: every backend must give the loop's answer.

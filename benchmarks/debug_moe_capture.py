@@ -8,6 +8,10 @@ small-shape capture test passed for both. Here each attempt builds a fresh layer
 side stream, then captures forward and backward into one graph (torch.cuda.graph, the chosen capture_error_mode) and
 replays it once against the eager step. A failure prints its traceback; "thread_local" and "relaxed" show whether
 the offending call comes from another thread (the autograd engine's) or is an unsafe call at all.
+
+Answer (H200, 2026-11-30, fourth session): here all 12 captures succeeded (3 per backend and mode); the failures were
+bench_moe.py's own: its reference output kept an autograd graph holding the auto backend's parameters'
+AccumulateGrad nodes (default stream) alive during the capture. Fixed there; this script stays as the check.
 """
 
 from __future__ import annotations
