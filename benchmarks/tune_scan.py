@@ -32,9 +32,16 @@ SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
 # 512 x one channel x one warp best; the third found pipelining the state loop (stages 2) worth 3-6% on two shapes and
 # -3% on the third, unrolling it 20-60% slower; the fourth: stages 2 5-17% faster in the backward, several channels
 # in one warp slower in both kernels. Next: stages and chunk around the table's row with exp2 decays.
-FWD = [(512, 1, 1, 1, 1), (512, 1, 1, 2, 1), (256, 1, 1, 2, 1), (512, 1, 2, 2, 1)]
+# A sixth sweep (after the carries were folded into the scans' inputs): shorter chunks, which need far fewer registers
+# in the backward (sm_90, kernel_resources.py: 255 at 512 steps, 183-210 at 256, 96-137 at 128), so more warps fit.
+# H200, 2026-11-30 (fourth session), ms at the three SHAPES: forward 512 0.492 / 2.214 / 0.937, 256 0.573 / 4.236 /
+# 1.043, 128 0.703 / 5.200 / 1.295 (stages 3: 0.894 / 3.916 / 1.724); backward 512 stages 3 2.441 / 9.840 / 4.246,
+# 256 3.182 / 19.10 / 6.127 (stages 3: 2.566 / 10.08 / 4.580), 128 3.029 / 12.30 / 5.416 (stages 3: 2.891 / 14.65 /
+# 5.375). The per-chunk work (checkpoint and carry loads, the dA read-modify-write, the barrier) outweighs the
+# occupancy: 512 stays.
+FWD = [(512, 1, 1, 1, 1), (256, 1, 1, 1, 1), (128, 1, 1, 1, 1), (128, 1, 1, 3, 1)]
 # Configurations that spill (benchmarks/kernel_resources.py compiles them here, no GPU needed) are left out.
-BWD = [(512, 1, 1, 2, 1), (512, 1, 1, 3, 1), (256, 1, 1, 2, 1), (256, 1, 1, 3, 1)]
+BWD = [(512, 1, 1, 3, 1), (256, 1, 1, 1, 1), (256, 1, 1, 3, 1), (128, 1, 1, 1, 1), (128, 1, 1, 3, 1)]
 
 
 # Backward register caps (maxnreg) tried at the table's backward row with --maxnreg: 255 registers allow 8 warps per
