@@ -1164,23 +1164,100 @@ def bias_act(h: torch.Tensor, bias: torch.Tensor, plan: DispatchPlan, activation
     return _run(moe_bias_act_op, _BiasActEager, h, bias, plan.expert_of_slot, plan.group_ends, activation, 0)
 
 
+def _ffn_matmul(x: Tensor, w: Tensor, plan: DispatchPlan) -> Tensor:
+    """(slots, in) buffer rows @ each row's expert's (in, out) weight -> (slots, out): torch._grouped_mm over the
+    grouped plan's segments, or a bmm over the padded plan's (num_experts, capacity) blocks."""
+    if plan.group_ends is not None:
+        return torch._grouped_mm(x, w, offs=plan.group_ends)
+    num_experts = w.shape[0]
+    return torch.bmm(x.view(num_experts, plan.capacity, x.shape[-1]), w).view(-1, w.shape[-1])
+
+
+def _ffn_matmul_backward(x: Tensor, w: Tensor, grad: Tensor, plan: DispatchPlan, need_x: bool, need_w: bool):
+    """Gradients of _ffn_matmul for x (slots, in) and w (num_experts, in, out) from grad (slots, out), as
+    _GroupedMatmul's backward and autograd's bmm backward compute them."""
+    grad_x = grad_w = None
+    if plan.group_ends is not None:
+        if need_x:
+            grad_x = torch._grouped_mm(grad, w.transpose(-2, -1), offs=plan.group_ends)
+        if need_w:
+            grad_w = torch._grouped_mm(x.t(), grad, offs=plan.group_ends)
+        return grad_x, grad_w
+    num_experts, capacity = w.shape[0], plan.capacity
+    grad_3d = grad.view(num_experts, capacity, grad.shape[-1])
+    if need_x:
+        grad_x = torch.bmm(grad_3d, w.transpose(1, 2)).view(-1, w.shape[1])
+    if need_w:
+        grad_w = torch.bmm(x.view(num_experts, capacity, x.shape[-1]).transpose(1, 2), grad_3d)
+    return grad_x, grad_w
+
+
+def _bias_layout(plan: DispatchPlan, bias: Tensor) -> tuple[Tensor, Tensor, int]:
+    """(expert_of_slot, group_ends, capacity) as the bias kernels take them: the index tensors for the grouped
+    layout (capacity 0); for the padded one its capacity, with the bias standing in for the unread index tensors."""
+    if plan.group_ends is not None:
+        return plan.expert_of_slot, plan.group_ends, 0
+    return bias, bias, plan.capacity
+
+
+class _ExpertFFNEager(torch.autograd.Function):
+    """act(rows @ w1 + b1) @ w2 over the buffer (no output bias) as one autograd node: the same kernels, in the same
+    order, as the composition grouped_matmul / bmm -> bias_act -> grouped_matmul / bmm, and the same saved
+    tensors, but one node in the backward instead of three. Each node costs the autograd engine's device thread host
+    time (2-4.6x its body on the lent H200's host, benchmarks/moe_breakdown.py) and the eager layer is host-bound."""
+
+    @staticmethod
+    def forward(ctx, rows, w1, b1, w2, plan, activation):
+        expert_of_slot, group_ends, capacity = _bias_layout(plan, b1)
+        h = _ffn_matmul(rows, w1, plan)  # (slots, expert_dim) before the bias
+        hidden = _moe_bias_act(h, b1, expert_of_slot, group_ends, activation, capacity)  # (slots, expert_dim)
+        ctx.save_for_backward(rows, w1, h if activation != "none" else None, b1, hidden, w2)
+        ctx.plan, ctx.activation = plan, activation
+        return _ffn_matmul(hidden, w2, plan)  # (slots, dim)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        rows, w1, h, b1, hidden, w2 = ctx.saved_tensors
+        plan, activation = ctx.plan, ctx.activation
+        need_rows, need_w1, need_b1, need_w2 = ctx.needs_input_grad[:4]
+        need_hidden = need_rows or need_w1 or need_b1
+        grad_hidden, grad_w2 = _ffn_matmul_backward(hidden, w2, grad_y.contiguous(), plan, need_hidden, need_w2)
+        grad_rows = grad_w1 = grad_b1 = None
+        if need_hidden:
+            expert_of_slot, group_ends, capacity = _bias_layout(plan, b1)
+            grad_h, grad_b1 = _moe_bias_act_bwd(grad_hidden, h if h is not None else grad_hidden, b1, expert_of_slot,
+                                                group_ends, activation, capacity)
+            if activation == "none":
+                grad_h = grad_hidden
+            grad_rows, grad_w1 = _ffn_matmul_backward(rows, w1, grad_h, plan, need_rows, need_w1)
+        return grad_rows, grad_w1, grad_b1 if need_b1 else None, grad_w2, None, None
+
+
+def _expert_ffn_composed(rows, plan: DispatchPlan, w1, b1, w2, activation: str):
+    """_ExpertFFNEager as a composition of three differentiable ops (what torch.compile traces)."""
+    if plan.group_ends is not None:
+        h = bias_act(grouped_matmul(rows, w1, plan.group_ends), b1, plan, activation)  # (slots, expert_dim)
+        return grouped_matmul(h, w2, plan.group_ends)  # (slots, dim)
+    num_experts, capacity = w1.shape[0], plan.capacity
+    h = torch.bmm(rows.view(num_experts, capacity, rows.shape[-1]), w1)  # (num_experts, capacity, expert_dim)
+    h = bias_act(h.view(-1, h.shape[-1]), b1, plan, activation)  # (slots, expert_dim)
+    return torch.bmm(h.view(num_experts, capacity, h.shape[-1]), w2).view(-1, w2.shape[-1])  # (slots, dim)
+
+
 def expert_ffn_fused(rows, plan: DispatchPlan, w1, b1, w2, b2, activation: str, backend: str = "auto"):
     """``expert_ffn`` with the bias adds and activation fused into kernels (CUDA, or CPU under TRITON_INTERPRET=1
     with backend="triton"), for both layouts; every other case (swiglu, no first bias) is ``expert_ffn`` itself.
-    ``b2`` None leaves the output bias out (SwitchMoE adds it in ``combine``). In the padded layout this replaces
-    baddbmm, whose broadcast bias cuBLAS first copies into the whole output."""
+    ``b2`` None leaves the output bias out (SwitchMoE adds it in ``combine``). Eagerly the two matmuls and the
+    bias + activation are one autograd node (_ExpertFFNEager); under torch.compile three ops. In the padded layout
+    this replaces baddbmm, whose broadcast bias cuBLAS first copies into the whole output."""
     name = resolve_backend("expert_ffn", backend, rows.device)
     if name == "torch" or triton is None or activation not in BIAS_ACTIVATIONS or b1 is None:
         return expert_ffn(rows, plan, w1, b1, w2, b2, activation)
-    if plan.group_ends is not None:
-        h = bias_act(grouped_matmul(rows, w1, plan.group_ends), b1, plan, activation)  # (slots, expert_dim)
-        y = grouped_matmul(h, w2, plan.group_ends)  # (slots, dim)
+    if torch.compiler.is_compiling():
+        y = _expert_ffn_composed(rows, plan, w1, b1, w2, activation)
     else:
-        num_experts, capacity = w1.shape[0], plan.capacity
-        h = torch.bmm(rows.view(num_experts, capacity, rows.shape[-1]), w1)  # (num_experts, capacity, expert_dim)
-        h = bias_act(h.view(-1, h.shape[-1]), b1, plan, activation)  # (slots, expert_dim)
-        y = torch.bmm(h.view(num_experts, capacity, h.shape[-1]), w2).view(-1, w2.shape[-1])  # (slots, dim)
-    return bias_act(y, b2, plan, "none") if b2 is not None else y
+        y = _ExpertFFNEager.apply(rows, w1, b1, w2, plan, activation)
+    return bias_act(y, b2, plan, "none") if b2 is not None else y  # (slots, dim)
 
 
 __all__ = ["BIAS_ACTIVATIONS", "LAYOUTS", "RoutedTokens", "RouterLosses", "bias_act", "combine", "expert_ffn_fused",

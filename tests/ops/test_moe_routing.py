@@ -306,3 +306,38 @@ def test_eager_path_matches_the_custom_ops(monkeypatch):
     for eager_run, traced_run in zip(eager, traced):
         for got, want in zip(eager_run, traced_run):
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("layout", moe_routing.LAYOUTS)
+@pytest.mark.parametrize("activation", moe_routing.BIAS_ACTIVATIONS)
+def test_expert_ffn_node_matches_its_composition(monkeypatch, layout, activation):
+    """Eagerly the expert FFN (matmul, bias + activation, matmul) is one autograd node; traced, three ops. Same
+    kernels in the same order: outputs and every gradient equal bit for bit, and the eager graph has one node."""
+    monkeypatch.setattr(moe_routing, "resolve_backend", lambda op, backend, device: "triton")
+    case = dict(tokens=23, num_experts=4, top_k=2, capacity=5, capacity_in_tensor=False, masked=True,
+                layout=layout, seed=3)
+    plan = _route(case, "torch").plan
+    gen = torch.Generator().manual_seed(1)
+    slots = plan.token_of_slot.numel()
+    leaves = [torch.randn(*shape, generator=gen).to(DEVICE) for shape in
+              ((slots, 8), (4, 8, 12), (4, 12), (4, 12, 8), (4, 8))]  # rows, w1, b1, w2, b2
+    grad = torch.randn(slots, 8, generator=gen).to(DEVICE)
+    results = []
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        inputs = [t.clone().requires_grad_() for t in leaves]
+        rows, w1, b1, w2, b2 = inputs
+        out = moe_routing.expert_ffn_fused(rows, plan, w1, b1, w2, b2, activation)
+        names, stack = set(), [out.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is not None:
+                names.add(node.name())
+                stack.extend(next_node for next_node, _ in node.next_functions)
+        out.backward(grad)
+        results.append((names, [out.detach()] + [t.grad for t in inputs]))
+    (eager_names, eager), (traced_names, traced) = results
+    assert "_ExpertFFNEagerBackward" in eager_names and "_ExpertFFNEagerBackward" not in traced_names
+    assert not any("GroupedMatmul" in n or "Bmm" in n for n in eager_names)
+    for got, want in zip(eager, traced):
+        assert torch.equal(got, want)
