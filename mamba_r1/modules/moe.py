@@ -17,11 +17,10 @@ from mamba_r1.ops.moe_dispatch import (
     check_activation,
     expert_capacity,
     float32_logits,
-    permute_tokens,
     projection_width,
     resolve_dispatch_backend,
 )
-from mamba_r1.ops.moe_routing import combine, expert_ffn_fused, route_and_plan
+from mamba_r1.ops.moe_routing import combine, expert_ffn_fused, route_and_permute
 
 
 @dataclass
@@ -162,18 +161,19 @@ class SwitchMoE(nn.Module):
         self._check_input(x, mask)
         tokens = x.reshape(-1, self.dim)  # (tokens, dim)
         valid = None if mask is None else mask.reshape(-1)  # (tokens,)
-        logits = self._router_logits(tokens)  # (tokens, num_experts) float32
         capacity, buffer_capacity = self._capacity(tokens.shape[0], valid)
         backend = resolve_dispatch_backend(self.backend, tokens, self.experts.w1, self.experts.w2,
                                            padded_rows=self.num_experts * buffer_capacity,
                                            assignments=tokens.shape[0] * self.top_k)
-        # Routing, plan and losses: two fused kernels on CUDA (priority="position"), the torch composition elsewhere.
-        routed = route_and_plan(logits, self.top_k, capacity, valid, self.priority,
-                                layout="grouped" if backend == "grouped_mm" else "padded",
-                                buffer_capacity=buffer_capacity, load_balance_coef=self.load_balance_coef,
-                                z_loss_coef=self.z_loss_coef, losses=return_aux)
+        # Router logits (float32), routing, plan and losses (two fused kernels on CUDA with priority="position", the
+        # torch composition elsewhere), and the tokens in the plan's buffer order (slots, dim).
+        routed, rows = route_and_permute(tokens, self.router.weight, self.top_k, capacity, valid, self.priority,
+                                         layout="grouped" if backend == "grouped_mm" else "padded",
+                                         buffer_capacity=buffer_capacity, load_balance_coef=self.load_balance_coef,
+                                         z_loss_coef=self.z_loss_coef, losses=return_aux,
+                                         router_input=self._jittered(tokens))
         # The experts' output bias is added by combine (one kernel on CUDA, forward and backward).
-        rows = self.experts(permute_tokens(tokens, routed.plan), routed.plan, output_bias=False)  # (slots, dim)
+        rows = self.experts(rows, routed.plan, output_bias=False)  # (slots, dim)
         out = combine(rows, routed.weights, routed.plan, bias=self.experts.b2)  # (tokens, dim)
         out = out.view(x.shape)
         if not return_aux:
@@ -187,14 +187,19 @@ class SwitchMoE(nn.Module):
             dropped_fraction=losses.dropped_fraction,
         )
 
+    def _jittered(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The router's input with multiplicative jitter (training with jitter_noise > 0), in float32; None
+        otherwise (the router reads the tokens themselves)."""
+        if self.training and self.jitter_noise > 0:
+            router_in = tokens.float()
+            return router_in * torch.empty_like(router_in).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        return None
+
     def _router_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """(tokens, dim) -> (tokens, num_experts) in float32: Switch's selective precision, since a bf16 softmax
         over near-equal logits decides routing by rounding noise."""
-        if self.training and self.jitter_noise > 0:
-            router_in = tokens.float()
-            noise = torch.empty_like(router_in).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-            return float32_logits(router_in * noise, self.router.weight)
-        return float32_logits(tokens, self.router.weight)
+        jittered = self._jittered(tokens)
+        return float32_logits(tokens if jittered is None else jittered, self.router.weight)
 
     def _capacity(self, num_tokens: int, valid: torch.Tensor | None):
         """-> (capacity compared against each assignment's rank, rows per expert of the padded buffer).

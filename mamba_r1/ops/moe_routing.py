@@ -37,8 +37,10 @@ from mamba_r1.ops.moe_dispatch import (
     Routing,
     combine_tokens,
     expert_ffn,
+    float32_logits,
     grouped_matmul,
     load_balancing_loss,
+    permute_tokens,
     plan_grouped,
     plan_padded,
     route_tokens,
@@ -617,11 +619,15 @@ _RouteEager = _eager_function("_RouteEager", _moe_route, _route_setup_context, _
 
 def resolve_routing_backend(backend: str, logits: torch.Tensor, priority: str) -> str:
     """"auto" -> "triton" on CUDA for priority="position" and a non-empty batch, "torch" otherwise."""
-    name = resolve_backend("route_and_plan", backend, logits.device)
-    if name == "triton" and (priority != "position" or logits.shape[0] == 0):
+    return _routing_backend(backend, logits.device, logits.shape[0], priority)
+
+
+def _routing_backend(backend: str, device: torch.device, tokens: int, priority: str) -> str:
+    name = resolve_backend("route_and_plan", backend, device)
+    if name == "triton" and (priority != "position" or tokens == 0):
         if backend == "triton":
             raise ValueError(f"route_and_plan(backend='triton') supports priority='position' and at least one "
-                             f"token; got priority={priority!r}, {logits.shape[0]} tokens. Use backend='torch'.")
+                             f"token; got priority={priority!r}, {tokens} tokens. Use backend='torch'.")
         return "torch"
     if name == "triton" and triton is None:
         logger.debug("route_and_plan: triton is not installed, taking the torch path")
@@ -672,6 +678,113 @@ def route_and_plan(
     return RoutedTokens(routing, plan, weights, RouterLosses(loss, aux[0], aux[1], aux[2]))
 
 
+
+
+
+def _half_logits(x: Tensor, weight: Tensor) -> bool:
+    """Whether float32_logits takes its half-input matmul with float32 output (moe_dispatch._Float32Logits)."""
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and hasattr(torch.ops.aten.mm, "dtype"))
+
+
+class _RouteAndPermuteEager(torch.autograd.Function):
+    """The router's float32 logits, routing + plan + losses, and the tokens permuted into the buffer, as one autograd
+    node: the same kernels and matmuls, in the same order, as float32_logits -> route_and_plan -> permute_tokens (three
+    nodes), and the same gradient of x (the permutation's plus the router's, added as autograd adds them). Eagerly
+    each node costs the autograd engine's device thread host time, and the layer is host-bound there."""
+
+    @staticmethod
+    def forward(ctx, x, weight, valid, capacity, capacity_tensor, top_k, grouped, buffer_capacity, lb_coef, z_coef):
+        half = _half_logits(x, weight)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if half:
+                logits = torch.mm(x, weight.t(), out_dtype=torch.float32)  # (tokens, num_experts)
+            else:
+                logits = torch.nn.functional.linear(x.float(), weight.float())
+        outputs = _moe_route(logits, valid, capacity, capacity_tensor, top_k, grouped, buffer_capacity, lb_coef,
+                             z_coef)
+        probs, expert_idx, gates, rank, keep, weights, counts, slot_of, token_of_slot, *_, lse, grad_scale = outputs
+        rows = x.index_select(0, token_of_slot)  # (slots, dim)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, probs, lse, expert_idx, keep, valid, grad_scale, slot_of)
+        ctx.half, ctx.grouped, ctx.coefs = half, grouped, (lb_coef, z_coef)
+        return (rows, *outputs)
+
+    @staticmethod
+    def backward(ctx, grad_rows, grad_probs, grad_idx, grad_gates, grad_rank, grad_keep, grad_weights, *grads):
+        x, weight, probs, lse, expert_idx, keep, valid, grad_scale, slot_of = ctx.saved_tensors
+        grad_loss, grad_aux = grads[-4], grads[-3]
+        need_x, need_weight = ctx.needs_input_grad[:2]
+        grad_x = grad_weight = None
+        if grad_rows is not None and need_x:
+            # _PermuteTokens' backward: each assignment's row, zero where it owns none, summed over the choices.
+            tokens, top_k = slot_of.shape
+            picked = grad_rows.index_select(0, slot_of.flatten()).view(tokens, top_k, grad_rows.shape[-1])
+            if not ctx.grouped:
+                picked = torch.where(keep[..., None], picked, 0)
+            grad_x = picked[:, 0] if top_k == 1 else picked.sum(1)
+        if any(g is not None for g in (grad_probs, grad_gates, grad_weights, grad_loss, grad_aux)):
+            grad_logits = _moe_route_bwd(probs, lse, expert_idx, keep, valid, grad_scale, grad_probs, grad_gates,
+                                         grad_weights, grad_loss, grad_aux, *ctx.coefs)
+            # The router's backward as _Float32Logits and autograd's linear backward compute it.
+            if ctx.half:
+                grad_logits = grad_logits.to(x.dtype)
+                router_x = torch.mm(grad_logits, weight) if need_x else None
+                grad_weight = torch.mm(grad_logits.t(), x) if need_weight else None
+            else:
+                router_x = grad_logits.mm(weight.float()).to(x.dtype) if need_x else None
+                grad_weight = grad_logits.t().mm(x.float()).to(weight.dtype) if need_weight else None
+            if router_x is not None:
+                grad_x = router_x if grad_x is None else grad_x + router_x
+        return grad_x, grad_weight, None, None, None, None, None, None, None, None
+
+
+def route_and_permute(
+    x: torch.Tensor,  # (tokens, dim)
+    router_weight: torch.Tensor,  # (num_experts, dim)
+    top_k: int,
+    capacity=None,
+    valid: torch.Tensor | None = None,
+    priority: str = "position",
+    layout: str = "grouped",
+    buffer_capacity: int = 0,
+    load_balance_coef: float = 0.0,
+    z_loss_coef: float = 0.0,
+    losses: bool = True,
+    backend: str = "auto",
+    router_input: torch.Tensor | None = None,
+) -> tuple[RoutedTokens, torch.Tensor]:
+    """The router's float32 logits of ``router_input`` (x itself by default; SwitchMoE passes its jittered copy),
+    ``route_and_plan`` on them, and x's rows in the plan's buffer order -> (routed, rows (slots, dim)). Eagerly on
+    the kernels' path one autograd node (_RouteAndPermuteEager), otherwise float32_logits, route_and_plan and
+    permute_tokens; both give the same values and gradients."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+    fused = (router_input is None and not torch.compiler.is_compiling()
+             and _routing_backend(backend, x.device, x.shape[0], priority) == "triton")
+    if not fused:
+        logits = float32_logits(x if router_input is None else router_input, router_weight)
+        routed = route_and_plan(logits, top_k, capacity, valid, priority, layout, buffer_capacity, load_balance_coef,
+                                z_loss_coef, losses, backend)
+        return routed, permute_tokens(x, routed.plan)
+    grouped = layout == "grouped"
+    in_tensor = isinstance(capacity, torch.Tensor)
+    (rows, probs, expert_idx, gates, rank, keep, weights, counts, slot_of, token_of_slot, assignment_of_slot,
+     expert_of_slot, group_ends, loss, aux, _, _) = _RouteAndPermuteEager.apply(
+        x, router_weight, valid, -1 if capacity is None or in_tensor else int(capacity),
+        capacity if in_tensor else None, top_k, grouped, buffer_capacity, float(load_balance_coef),
+        float(z_loss_coef))
+    routing = Routing(probs, expert_idx, gates, rank, keep, counts[0], counts[1])
+    plan = DispatchPlan(
+        slot_of=slot_of,
+        owns_slot=None if grouped else keep,
+        token_of_slot=token_of_slot,
+        assignment_of_slot=assignment_of_slot,
+        group_ends=group_ends if grouped else None,
+        expert_of_slot=expert_of_slot if grouped else None,
+        capacity=None if grouped else buffer_capacity,
+    )
+    return RoutedTokens(routing, plan, weights, RouterLosses(loss, aux[0], aux[1], aux[2])), rows
 
 
 # ---------------------------------------------------------------------------------------------- combine
@@ -1262,4 +1375,5 @@ def expert_ffn_fused(rows, plan: DispatchPlan, w1, b1, w2, b2, activation: str, 
 
 __all__ = ["BIAS_ACTIVATIONS", "LAYOUTS", "RoutedTokens", "RouterLosses", "bias_act", "combine", "expert_ffn_fused",
            "moe_bias_act_bwd_op", "moe_bias_act_op", "moe_combine_bwd_op", "moe_combine_op", "moe_route_bwd_op",
-           "moe_route_op", "resolve_routing_backend", "route_and_plan", "route_and_plan_ref", "router_losses_ref"]
+           "moe_route_op", "resolve_routing_backend", "route_and_permute", "route_and_plan", "route_and_plan_ref",
+           "router_losses_ref"]

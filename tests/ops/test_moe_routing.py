@@ -341,3 +341,33 @@ def test_expert_ffn_node_matches_its_composition(monkeypatch, layout, activation
     assert not any("GroupedMatmul" in n or "Bmm" in n for n in eager_names)
     for got, want in zip(eager, traced):
         assert torch.equal(got, want)
+
+
+def _node_names(root) -> set:
+    names, stack, seen = set(), [root.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            names.add(node.name())
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "bmm"])
+def test_layer_backward_is_three_nodes_eagerly(monkeypatch, backend):
+    """On the kernels' path the layer's backward runs router + routing + permutation, the expert FFN and the combine
+    as one autograd node each (the host pays per node); the composition's nodes are gone. Jitter on the router's
+    input takes the composition (the router no longer reads the tokens themselves)."""
+    monkeypatch.setattr(moe_routing, "resolve_backend", lambda op, backend, device: "triton")
+    torch.manual_seed(0)
+    moe = SwitchMoE(16, num_experts=4, expert_dim=24, top_k=2, backend=backend, device=DEVICE)
+    x = torch.randn(2, 9, 16, device=DEVICE, requires_grad=True)
+    out, aux = moe(x, return_aux=True)
+    names = _node_names(out) | _node_names(aux.loss)
+    assert {"_RouteAndPermuteEagerBackward", "_ExpertFFNEagerBackward", "_CombineEagerBackward"} <= names
+    assert not names & {"_Float32LogitsBackward", "_PermuteTokensBackward", "_RouteEagerBackward",
+                        "_BiasActEagerBackward", "_GroupedMatmulBackward", "BmmBackward0"}
+    jittered = SwitchMoE(16, num_experts=4, expert_dim=24, jitter_noise=0.1, backend=backend, device=DEVICE).train()
+    names = _node_names(jittered(x))
+    assert "_RouteAndPermuteEagerBackward" not in names and "_RouteEagerBackward" in names
