@@ -687,6 +687,73 @@ def _half_logits(x: Tensor, weight: Tensor) -> bool:
             and hasattr(torch.ops.aten.mm, "dtype"))
 
 
+@_jit
+def _token_grad_kernel(
+    grad_rows_ptr,  # (slots, dim) gradient of the permuted rows
+    slot_of_ptr,  # (tokens, TOP_K) int64
+    keep_ptr,  # (tokens, TOP_K) bool: whether the assignment owns its row (read with OWNS)
+    grad_logits_ptr,  # (tokens, num_experts) float32
+    weight_ptr,  # (num_experts, dim) router weight
+    grad_x_ptr,  # (tokens, dim) in x's dtype
+    tokens, dim, num_experts,
+    TOP_K: tl.constexpr, OWNS: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (block of tokens, block of features): x's whole gradient, the permutation's (each
+    assignment's row of grad_rows, zero where it owns none, summed over the choices, rounded to x's dtype) plus the
+    router's (grad_logits @ weight, with grad_logits rounded to x's dtype first when HALF, accumulated in float32
+    and rounded to x's dtype), added in float32 and rounded once: the sum autograd forms from permute_tokens' and
+    float32_logits' gradients, in one pass instead of a gather, a select, a matmul and an add."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_t = offs_t < tokens
+    mask_d = offs_d < dim
+    mask = mask_t[:, None] & mask_d[None, :]
+    x_ty = grad_x_ptr.dtype.element_ty
+    picked = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        pair = offs_t.to(tl.int64) * TOP_K + j
+        slot = tl.load(slot_of_ptr + pair, mask=mask_t, other=0)
+        owned = mask_t
+        if OWNS:
+            owned = owned & (tl.load(keep_ptr + pair, mask=mask_t, other=0) != 0)
+        picked += tl.load(grad_rows_ptr + slot[:, None] * dim + offs_d[None, :], mask=owned[:, None] & mask_d[None, :],
+                          other=0.0).to(tl.float32)
+    picked = picked.to(x_ty).to(tl.float32)
+    router = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for e in range(num_experts):
+        g = tl.load(grad_logits_ptr + offs_t.to(tl.int64) * num_experts + e, mask=mask_t, other=0.0)
+        if HALF:
+            g = g.to(x_ty).to(tl.float32)
+        w = tl.load(weight_ptr + e * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        router += g[:, None] * w[None, :]
+    total = picked + router.to(x_ty).to(tl.float32)
+    tl.store(grad_x_ptr + offs_t.to(tl.int64)[:, None] * dim + offs_d[None, :], total.to(x_ty), mask=mask)
+
+
+# Tiles of _token_grad_kernel on GPU (tokens, features, warps); not tuned. Interpreter: 4 x 8.
+TOKEN_GRAD_BLOCKS_CUDA = (32, 128, 4)
+
+
+def _token_grad(grad_rows: Tensor, slot_of: Tensor, keep: Tensor | None, grad_logits: Tensor, weight: Tensor,
+                x_dtype: torch.dtype, half: bool) -> Tensor:
+    """(tokens, dim) gradient of x from the rows' gradient (slots, dim) and the logits' (tokens, num_experts)."""
+    interpreting = _interpreting()
+    tokens, top_k = slot_of.shape
+    dim = grad_rows.shape[-1]
+    grad_rows_k, weight_k = (for_kernel(t.contiguous(), interpreting) for t in (grad_rows, weight))
+    out_dtype = torch.float32 if interpreting and x_dtype in (torch.bfloat16, torch.float16) else x_dtype
+    grad_x = torch.empty(tokens, dim, device=grad_rows.device, dtype=out_dtype)
+    if grad_x.numel() > 0:
+        block_t, block_d, warps = (4, 8, 1) if interpreting else TOKEN_GRAD_BLOCKS_CUDA
+        grid = (triton.cdiv(tokens, block_t), triton.cdiv(dim, block_d))
+        keep_arg = keep.contiguous() if keep is not None else slot_of  # the plans may hand over transposed ones
+        _token_grad_kernel[grid](grad_rows_k, slot_of.contiguous(), keep_arg,
+                                 grad_logits.contiguous(), weight_k, grad_x, tokens, dim, weight.shape[0],
+                                 TOP_K=top_k, OWNS=keep is not None, HALF=half, BLOCK_T=block_t, BLOCK_D=block_d,
+                                 num_warps=warps)
+    return grad_x.to(x_dtype)
+
+
 class _RouteAndPermuteEager(torch.autograd.Function):
     """The router's float32 logits, routing + plan + losses, and the tokens permuted into the buffer, as one autograd
     node: the same kernels and matmuls, in the same order, as float32_logits -> route_and_plan -> permute_tokens (three
@@ -716,6 +783,18 @@ class _RouteAndPermuteEager(torch.autograd.Function):
         grad_loss, grad_aux = grads[-4], grads[-3]
         need_x, need_weight = ctx.needs_input_grad[:2]
         grad_x = grad_weight = None
+        router_grads = (grad_probs, grad_gates, grad_weights, grad_loss, grad_aux)
+        if grad_rows is not None and need_x and any(g is not None for g in router_grads):
+            # Both gradients of x: one kernel (_token_grad_kernel) instead of the composition's four.
+            grad_logits = _moe_route_bwd(probs, lse, expert_idx, keep, valid, grad_scale, *router_grads, *ctx.coefs)
+            grad_x = _token_grad(grad_rows, slot_of, None if ctx.grouped else keep, grad_logits, weight, x.dtype,
+                                 ctx.half)
+            if need_weight:
+                if ctx.half:
+                    grad_weight = torch.mm(grad_logits.to(x.dtype).t(), x)
+                else:
+                    grad_weight = grad_logits.t().mm(x.float()).to(weight.dtype)
+            return grad_x, grad_weight, None, None, None, None, None, None, None, None
         if grad_rows is not None and need_x:
             # _PermuteTokens' backward: each assignment's row, zero where it owns none, summed over the choices.
             tokens, top_k = slot_of.shape
@@ -723,9 +802,8 @@ class _RouteAndPermuteEager(torch.autograd.Function):
             if not ctx.grouped:
                 picked = torch.where(keep[..., None], picked, 0)
             grad_x = picked[:, 0] if top_k == 1 else picked.sum(1)
-        if any(g is not None for g in (grad_probs, grad_gates, grad_weights, grad_loss, grad_aux)):
-            grad_logits = _moe_route_bwd(probs, lse, expert_idx, keep, valid, grad_scale, grad_probs, grad_gates,
-                                         grad_weights, grad_loss, grad_aux, *ctx.coefs)
+        if any(g is not None for g in router_grads):
+            grad_logits = _moe_route_bwd(probs, lse, expert_idx, keep, valid, grad_scale, *router_grads, *ctx.coefs)
             # The router's backward as _Float32Logits and autograd's linear backward compute it.
             if ctx.half:
                 grad_logits = grad_logits.to(x.dtype)
