@@ -21,7 +21,11 @@ confidence) has no kernel: it takes the torch path, as does an empty batch.
 
 Every kernel here (routing, combine, bias + activation) is a torch custom op with a fake and registered autograd,
 which torch.compile, export and opcheck use; eagerly the public functions run the same Python bodies under plain
-autograd.Functions (``_run``), skipping the dispatcher's per-call host cost.
+autograd.Functions (``_run``), skipping the dispatcher's per-call host cost. Eagerly SwitchMoE's backward is three
+autograd nodes, because each costs the autograd engine's device thread host time and the layer is host-bound there:
+``route_and_permute`` (router logits, routing + plan + losses, and the token permutation; x's two gradients formed
+by one more kernel, ``_token_grad_kernel``), ``expert_ffn_fused`` (two matmuls and bias + activation), and
+``combine`` (with the experts' output bias). Under torch.compile they are the compositions of the custom ops.
 """
 
 from __future__ import annotations
