@@ -16,7 +16,7 @@ import argparse
 
 import torch
 import triton.testing
-from common import device_name, write_json
+from common import add_moe_shape_args, device_name, write_json
 
 
 def balanced_ends(tokens: int, experts: int, device) -> torch.Tensor:
@@ -37,10 +37,7 @@ def loop_reference(a, b, ends, ragged_k: bool) -> torch.Tensor:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--expert-dim", type=int, default=4096)
-    p.add_argument("--experts", type=int, default=8)
+    add_moe_shape_args(p)
     p.add_argument("--out", default="moe_gemm.json")
     a = p.parse_args()
     dev, bf16 = "cuda", torch.bfloat16

@@ -28,6 +28,14 @@ def median_ms(fn, device: str, reps: int = 10) -> float:
     return statistics.median(times)
 
 
+def add_moe_shape_args(parser) -> None:
+    """--tokens, --dim, --expert-dim, --experts, defaulting to TARGETS.md's SwitchMoE shape."""
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--expert-dim", type=int, default=4096)
+    parser.add_argument("--experts", type=int, default=8)
+
+
 def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
 

@@ -17,7 +17,7 @@ import itertools
 
 import torch
 import triton.testing
-from common import device_name, write_json
+from common import add_moe_shape_args, device_name, write_json
 
 from mamba_r1.ops import moe_routing
 from mamba_r1.ops.moe_dispatch import ffn_activation
@@ -62,10 +62,7 @@ def run_config(c, block):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--expert-dim", type=int, default=4096)
-    p.add_argument("--experts", type=int, default=8)
+    add_moe_shape_args(p)
     p.add_argument("--out", default="tune_moe_kernels.json")
     a = p.parse_args()
     table = {"table": moe_routing._bias_blocks(False)}

@@ -663,12 +663,22 @@ def route_and_plan(
         return route_and_plan_ref(logits, top_k, capacity, valid, priority, layout, buffer_capacity,
                                   load_balance_coef, z_loss_coef, losses)
     grouped = layout == "grouped"
-    in_tensor = isinstance(capacity, torch.Tensor)
+    outputs = _run(moe_route_op, _RouteEager, logits.float(), valid, *_capacity_args(capacity), top_k, grouped,
+                   buffer_capacity, float(load_balance_coef), float(z_loss_coef))
+    return _routed_tokens(outputs, grouped, buffer_capacity)
+
+
+def _capacity_args(capacity) -> tuple[int, Tensor | None]:
+    """The route op's (capacity, capacity_tensor) arguments from an int, a 0-d tensor or None (no dropping: -1)."""
+    if isinstance(capacity, torch.Tensor):
+        return -1, capacity
+    return (-1 if capacity is None else int(capacity)), None
+
+
+def _routed_tokens(outputs, grouped: bool, buffer_capacity: int) -> RoutedTokens:
+    """RoutedTokens from the route op's outputs (see _moe_route)."""
     (probs, expert_idx, gates, rank, keep, weights, counts, slot_of, token_of_slot, assignment_of_slot,
-     expert_of_slot, group_ends, loss, aux, _, _) = _run(moe_route_op, _RouteEager,
-        logits.float(), valid, -1 if capacity is None or in_tensor else int(capacity),
-        capacity if in_tensor else None, top_k, grouped, buffer_capacity, float(load_balance_coef),
-        float(z_loss_coef))
+     expert_of_slot, group_ends, loss, aux, _, _) = outputs
     routing = Routing(probs, expert_idx, gates, rank, keep, counts[0], counts[1])
     plan = DispatchPlan(
         slot_of=slot_of,
@@ -680,9 +690,6 @@ def route_and_plan(
         capacity=None if grouped else buffer_capacity,
     )
     return RoutedTokens(routing, plan, weights, RouterLosses(loss, aux[0], aux[1], aux[2]))
-
-
-
 
 
 def _half_logits(x: Tensor, weight: Tensor) -> bool:
@@ -850,23 +857,9 @@ def route_and_permute(
                                 z_loss_coef, losses, backend)
         return routed, permute_tokens(x, routed.plan)
     grouped = layout == "grouped"
-    in_tensor = isinstance(capacity, torch.Tensor)
-    (rows, probs, expert_idx, gates, rank, keep, weights, counts, slot_of, token_of_slot, assignment_of_slot,
-     expert_of_slot, group_ends, loss, aux, _, _) = _RouteAndPermuteEager.apply(
-        x, router_weight, valid, -1 if capacity is None or in_tensor else int(capacity),
-        capacity if in_tensor else None, top_k, grouped, buffer_capacity, float(load_balance_coef),
-        float(z_loss_coef))
-    routing = Routing(probs, expert_idx, gates, rank, keep, counts[0], counts[1])
-    plan = DispatchPlan(
-        slot_of=slot_of,
-        owns_slot=None if grouped else keep,
-        token_of_slot=token_of_slot,
-        assignment_of_slot=assignment_of_slot,
-        group_ends=group_ends if grouped else None,
-        expert_of_slot=expert_of_slot if grouped else None,
-        capacity=None if grouped else buffer_capacity,
-    )
-    return RoutedTokens(routing, plan, weights, RouterLosses(loss, aux[0], aux[1], aux[2])), rows
+    rows, *outputs = _RouteAndPermuteEager.apply(x, router_weight, valid, *_capacity_args(capacity), top_k, grouped,
+                                                 buffer_capacity, float(load_balance_coef), float(z_loss_coef))
+    return _routed_tokens(outputs, grouped, buffer_capacity), rows
 
 
 # ---------------------------------------------------------------------------------------------- combine
