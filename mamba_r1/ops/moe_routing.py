@@ -849,6 +849,9 @@ def route_and_permute(
     permute_tokens; both give the same values and gradients."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+    if x.dim() != 2 or router_weight.dim() != 2 or router_weight.shape[1] != x.shape[1]:
+        raise ValueError(f"route_and_permute: x must be (tokens, dim) and router_weight (num_experts, dim); got x "
+                         f"{tuple(x.shape)}, router_weight {tuple(router_weight.shape)}")
     fused = (router_input is None and not torch.compiler.is_compiling()
              and _routing_backend(backend, x.device, x.shape[0], priority) == "triton")
     if not fused:

@@ -272,6 +272,16 @@ def test_kernels_compile_with_fullgraph():
         torch.testing.assert_close(g, w)
 
 
+def test_route_and_permute_names_bad_shapes():
+    with pytest.raises(ValueError, match=r"router_weight \(num_experts, dim\).*x \(5, 8\), router_weight \(3, 6\)"):
+        moe_routing.route_and_permute(torch.randn(5, 8, device=DEVICE), torch.randn(3, 6, device=DEVICE), 1)
+    plan = _route(dict(tokens=5, num_experts=3, top_k=1, capacity=None, capacity_in_tensor=False, masked=False,
+                       layout="grouped", seed=0), "torch").plan
+    with pytest.raises(ValueError, match=r"combine: bias must be \(num_experts, dim\)"):
+        combine(torch.randn(5, 8, device=DEVICE), torch.ones(5, 1, device=DEVICE), plan,
+                bias=torch.randn(3, 7, device=DEVICE))
+
+
 def test_triton_backend_refuses_what_it_does_not_cover():
     logits = torch.randn(5, 3, device=DEVICE)
     with pytest.raises(ValueError, match="priority='position'"):
