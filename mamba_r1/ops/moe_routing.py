@@ -768,8 +768,10 @@ def _token_grad(grad_rows: Tensor, slot_of: Tensor, keep: Tensor | None, grad_lo
 class _RouteAndPermuteEager(torch.autograd.Function):
     """The router's float32 logits, routing + plan + losses, and the tokens permuted into the buffer, as one autograd
     node: the same kernels and matmuls, in the same order, as float32_logits -> route_and_plan -> permute_tokens (three
-    nodes), and the same gradient of x (the permutation's plus the router's, added as autograd adds them). Eagerly
-    each node costs the autograd engine's device thread host time, and the layer is host-bound there."""
+    nodes). x's gradient, the permutation's plus the router's, comes from one kernel (_token_grad_kernel) where the
+    composition runs a gather, a select, a matmul and autograd's add: equal up to the order of the router's sum over
+    experts. Eagerly each node costs the autograd engine's device thread host time, and the layer is host-bound
+    there."""
 
     @staticmethod
     def forward(ctx, x, weight, valid, capacity, capacity_tensor, top_k, grouped, buffer_capacity, lb_coef, z_coef):
@@ -846,7 +848,7 @@ def route_and_permute(
     """The router's float32 logits of ``router_input`` (x itself by default; SwitchMoE passes its jittered copy),
     ``route_and_plan`` on them, and x's rows in the plan's buffer order -> (routed, rows (slots, dim)). Eagerly on
     the kernels' path one autograd node (_RouteAndPermuteEager), otherwise float32_logits, route_and_plan and
-    permute_tokens; both give the same values and gradients."""
+    permute_tokens; both give the same values and gradients (x's up to the rounding of a sum's order)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
     if x.dim() != 2 or router_weight.dim() != 2 or router_weight.shape[1] != x.shape[1]:
