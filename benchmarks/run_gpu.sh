@@ -46,7 +46,7 @@ for w in $what; do
     profile_moe) python3 benchmarks/profile_gpu.py moe --rows 40 2>&1 | tee "$OUT/profile_moe.log" ;;
     moe_breakdown) python3 benchmarks/moe_breakdown.py 2>&1 | tee "$OUT/moe_breakdown.log" ;;
     # The layer's six matmuls, dense vs torch._grouped_mm in both expert-weight layouts.
-    # Tile sweep of the MoE bias + activation kernels at the layer's shapes.
+    # Tile sweeps of the MoE elementwise kernels (bias + GELU, combine, x's gradient) at the layer's shapes.
     tunemoe) python3 benchmarks/tune_moe_kernels.py 2>&1 | tee "$OUT/tune_moe.log" ;;
     moegemm) python3 benchmarks/bench_moe_gemm.py 2>&1 | tee "$OUT/moe_gemm.log" ;;
     # Whole-step CUDA-graph captures of SwitchMoE, repeated per backend and capture mode (failures print tracebacks).

@@ -1,13 +1,17 @@
-"""Sweep the tile sizes of SwitchMoE's fused bias + activation kernels (mamba_r1/ops/moe_routing.py) at the layer's
-shapes and print each configuration's time and memory throughput: the data behind BIAS_BLOCKS_CUDA.
+"""Sweep the tile sizes of SwitchMoE's elementwise kernels (mamba_r1/ops/moe_routing.py) at the layer's shapes and
+print each configuration's time and memory throughput: the data behind BIAS_BLOCKS_CUDA, COMBINE_*_CUDA and
+TOKEN_GRAD_BLOCKS_CUDA.
 
-    python benchmarks/tune_moe_kernels.py [--tokens 16384] [--dim 1024] [--expert-dim 4096] [--experts 8]   (CUDA)
+    python benchmarks/tune_moe_kernels.py [--tokens 16384] [--dim 1024] [--expert-dim 4096] [--experts 8]
+                                          [--kernels bias_act,combine,token_grad]   (CUDA)
 
-Two calls per training step and direction: act(h + b1[expert]) on (tokens, expert_dim) with GELU, and the plain bias
-add on (tokens, dim). Rows are sorted by expert as a balanced router sorts them. Every configuration is checked
-against the torch composition (float32) first, forward output and both gradients; then timed (median of
-triton.testing.do_bench). Bytes moved: forward reads h and writes the output, backward reads the gradient and h and
-writes h's gradient (the plain add's backward only reads the gradient); GB/s against the H200's ~4.8 TB/s.
+bias_act: act(h + b1[expert]) with GELU on (tokens, expert_dim), forward and backward (h's and the bias's gradients).
+combine: the experts' rows (+ b2[expert]) weighted back into tokens on (tokens, dim), forward and backward (the rows',
+the weights' and the bias's gradients). token_grad: x's gradient in the router node, the permutation's plus
+grad_logits @ router weight, on (tokens, dim) (one direction). Rows are sorted by expert as a balanced router sorts
+them (top-1). Every configuration is checked against the torch composition (float32) first, then timed (median of
+triton.testing.do_bench). Bytes: the bf16 (tokens, width) tensors each direction reads and writes; GB/s against the
+H200's ~4.8 TB/s.
 """
 
 from __future__ import annotations
@@ -20,69 +24,124 @@ import triton.testing
 from common import add_moe_shape_args, device_name, write_json
 
 from mamba_r1.ops import moe_routing
-from mamba_r1.ops.moe_dispatch import ffn_activation
+from mamba_r1.ops.moe_dispatch import combine_tokens, ffn_activation
+from mamba_r1.ops.moe_routing import route_and_plan
 
-CONFIGS = list(itertools.product((32, 64, 128), (64, 128, 256), (4, 8)))  # (block_r, block_w, num_warps)
-
-
-def case(tokens, width, experts, activation):
-    torch.manual_seed(0)
-    counts = torch.bincount(torch.randint(0, experts, (tokens,)), minlength=experts)
-    expert_of_slot = torch.repeat_interleave(torch.arange(experts), counts).cuda()
-    group_ends = torch.cumsum(counts, 0).to(torch.int32).cuda()
-    h = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
-    bias = torch.randn(experts, width, device="cuda", dtype=torch.bfloat16)
-    grad = torch.randn_like(h)
-    h32, b32 = h.float().requires_grad_(), bias.float().requires_grad_()
-    ref = ffn_activation(h32 + b32[expert_of_slot], activation) if activation != "none" else h32 + b32[expert_of_slot]
-    ref.backward(grad.float())
-    return dict(h=h, bias=bias, grad=grad, expert_of_slot=expert_of_slot, group_ends=group_ends,
-                activation=activation, ref=(ref.detach(), h32.grad, b32.grad))
+CONFIGS = list(itertools.product((32, 64, 128), (64, 128, 256), (4, 8)))  # (rows, features, num_warps)
+KERNELS = ("bias_act", "combine", "token_grad")
 
 
 def rel(a, b):
-    return ((a.float() - b).norm() / b.norm().clamp_min(1e-30)).item()
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def run_config(c, block):
-    moe_routing._bias_blocks = lambda interpreting: block
-    args = (c["h"], c["bias"], c["expert_of_slot"], c["group_ends"], c["activation"], 0)
-    out = moe_routing._moe_bias_act(*args)
-    grad_h, grad_b = moe_routing._moe_bias_act_bwd(c["grad"], *args)
-    if c["activation"] == "none":
-        grad_h = c["grad"]
-    errors = [rel(out, c["ref"][0]), rel(grad_h, c["ref"][1]), rel(grad_b, c["ref"][2])]
-    if max(errors) > 1e-2:
-        raise SystemExit(f"bias_act {c['activation']} {block}: disagrees with torch, rel errors {errors}")
-    fwd = triton.testing.do_bench(lambda: moe_routing._moe_bias_act(*args), warmup=25, rep=100, return_mode="median")
-    bwd = triton.testing.do_bench(lambda: moe_routing._moe_bias_act_bwd(c["grad"], *args), warmup=25, rep=100,
-                                  return_mode="median")
-    return 1e3 * fwd, 1e3 * bwd
+def bench_us(fn):
+    return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def bias_act_case(a):
+    """-> (set the tile, [(direction, call, MB moved)], check() -> max rel error)."""
+    plan = routed_plan(a).plan
+    h = torch.randn(a.tokens, a.expert_dim, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(a.experts, a.expert_dim, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn_like(h)
+    h32, b32 = h.float().requires_grad_(), bias.float().requires_grad_()
+    ref = ffn_activation(h32 + b32[plan.expert_of_slot], "gelu")
+    ref.backward(grad.float())
+    args = (h, bias, plan.expert_of_slot, plan.group_ends, "gelu", 0)
+
+    def check():
+        out = moe_routing._moe_bias_act(*args)
+        grad_h, grad_b = moe_routing._moe_bias_act_bwd(grad, *args)
+        return max(rel(out, ref), rel(grad_h, h32.grad), rel(grad_b, b32.grad))
+
+    def set_tile(block):
+        moe_routing._bias_blocks = lambda interpreting: block
+
+    mb = h.numel() * 2 / 1e6
+    return set_tile, [("forward", lambda: moe_routing._moe_bias_act(*args), 2 * mb),
+                      ("backward", lambda: moe_routing._moe_bias_act_bwd(grad, *args), 3 * mb)], check
+
+
+def routed_plan(a):
+    torch.manual_seed(0)
+    logits = torch.randn(a.tokens, a.experts, device="cuda")
+    return route_and_plan(logits, 1, None, None, "position", "grouped", 0, 0.01, 0.001, backend="torch")
+
+
+def combine_case(a):
+    routed = routed_plan(a)
+    plan, weights = routed.plan, routed.weights.contiguous()
+    rows = torch.randn(plan.token_of_slot.numel(), a.dim, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(a.experts, a.dim, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(a.tokens, a.dim, device="cuda", dtype=torch.bfloat16)
+    leaves = [t.float().requires_grad_() for t in (rows, weights, bias)]
+    ref = combine_tokens(leaves[0] + leaves[2][plan.expert_of_slot], leaves[1], plan)
+    ref.backward(grad.float())
+    args = (rows, weights, plan.slot_of.contiguous(), plan.token_of_slot, plan.assignment_of_slot, True, bias,
+            plan.expert_of_slot, plan.group_ends, 0)
+    bwd_args = (grad, rows, weights, plan.token_of_slot, plan.assignment_of_slot, True, bias, plan.expert_of_slot,
+                plan.group_ends, 0)
+
+    def check():
+        out = moe_routing._moe_combine(*args)
+        grad_rows, grad_weights, grad_bias = moe_routing._moe_combine_bwd(*bwd_args)
+        return max(rel(out, ref), rel(grad_rows, leaves[0].grad), rel(grad_weights, leaves[1].grad),
+                   rel(grad_bias, leaves[2].grad))
+
+    def set_tile(block):
+        moe_routing._combine_blocks = lambda interpreting: block
+
+    mb = rows.numel() * 2 / 1e6
+    return set_tile, [("forward", lambda: moe_routing._moe_combine(*args), 2 * mb),
+                      ("backward", lambda: moe_routing._moe_combine_bwd(*bwd_args), 3 * mb)], check
+
+
+def token_grad_case(a):
+    plan = routed_plan(a).plan
+    grad_rows = torch.randn(plan.token_of_slot.numel(), a.dim, device="cuda", dtype=torch.bfloat16)
+    grad_logits = torch.randn(a.tokens, a.experts, device="cuda")
+    weight = torch.randn(a.experts, a.dim, device="cuda", dtype=torch.bfloat16)
+    ref = grad_rows.float()[plan.slot_of[:, 0]] + grad_logits.to(torch.bfloat16).float() @ weight.float()
+
+    def run():
+        return moe_routing._token_grad(grad_rows, plan.slot_of, None, grad_logits, weight, torch.bfloat16, True)
+
+    def set_tile(block):
+        moe_routing.TOKEN_GRAD_BLOCKS_CUDA = block
+
+    return set_tile, [("backward", run, 2 * grad_rows.numel() * 2 / 1e6)], lambda: rel(run(), ref)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_moe_shape_args(p)
+    p.add_argument("--kernels", default=",".join(KERNELS))
     p.add_argument("--out", default="tune_moe_kernels.json")
     a = p.parse_args()
-    table = {"table": moe_routing._bias_blocks(False)}
-    print(f"{device_name('cuda')}, torch {torch.__version__}; current tile (block_r, block_w, warps) {table['table']}")
-    report = {"device": device_name("cuda"), "config": vars(a), "current": table, "rows": []}
-    for width, activation in ((a.expert_dim, "gelu"), (a.dim, "none")):
-        c = case(a.tokens, width, a.experts, activation)
-        elem = a.tokens * width * 2  # bytes of one bf16 (tokens, width) tensor
-        bytes_fwd, bytes_bwd = 2 * elem, (3 if activation != "none" else 1) * elem
-        print(f"\n{activation} on ({a.tokens}, {width}): forward moves {bytes_fwd / 1e6:.0f} MB, backward "
-              f"{bytes_bwd / 1e6:.0f} MB (+ float32 bias partials); all configurations within 1e-2 of torch")
-        print("| block_r | block_w | warps | forward µs | GB/s | backward µs | GB/s |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+    tables = {"bias_act": moe_routing._bias_blocks(False), "combine": moe_routing._combine_blocks(False),
+              "token_grad": moe_routing.TOKEN_GRAD_BLOCKS_CUDA}
+    print(f"{device_name('cuda')}, torch {torch.__version__}; current tiles (rows, features, warps) {tables}")
+    report = {"device": device_name("cuda"), "config": vars(a), "current": tables, "rows": []}
+    cases = {"bias_act": bias_act_case, "combine": combine_case, "token_grad": token_grad_case}
+    for kernel in a.kernels.split(","):
+        set_tile, directions, check = cases[kernel](a)
+        print(f"\n{kernel}: " + ", ".join(f"{d} moves {mb:.0f} MB" for d, _, mb in directions)
+              + "; every configuration within 1e-2 of the torch composition before it is timed")
+        print("| rows | features | warps | " + " | ".join(f"{d} µs | GB/s" for d, _, _ in directions) + " |")
+        print("| --- | --- | --- | " + " | ".join("--- | ---" for _ in directions) + " |")
         for block in CONFIGS:
-            fwd, bwd = run_config(c, block)
-            report["rows"].append({"activation": activation, "width": width, "block": block, "fwd_us": fwd,
-                                   "bwd_us": bwd})
-            mark = "".join(f" ({k})" for k, v in table.items() if tuple(block) == tuple(v))
-            print(f"| {block[0]} | {block[1]} | {block[2]}{mark} | {fwd:.1f} | {bytes_fwd / fwd / 1e3:.0f} | "
-                  f"{bwd:.1f} | {bytes_bwd / bwd / 1e3:.0f} |")
+            set_tile(block)
+            err = check()
+            if err > 1e-2:
+                raise SystemExit(f"{kernel} {block}: disagrees with torch, rel error {err:.2e}")
+            times = {d: bench_us(fn) for d, fn, _ in directions}
+            report["rows"].append({"kernel": kernel, "block": block, "err": err, **{f"{d}_us": t for d, t in
+                                                                                     times.items()}})
+            mark = " (table)" if tuple(block) == tuple(tables[kernel]) else ""
+            print(f"| {block[0]} | {block[1]} | {block[2]}{mark} | "
+                  + " | ".join(f"{times[d]:.1f} | {mb / times[d] * 1e3:.0f}" for d, _, mb in directions) + " |")
+        set_tile(tables[kernel])
     write_json(a.out, report)
 
 

@@ -741,7 +741,8 @@ def _token_grad_kernel(
     tl.store(grad_x_ptr + offs_t.to(tl.int64)[:, None] * dim + offs_d[None, :], total.to(x_ty), mask=mask)
 
 
-# Tiles of _token_grad_kernel on GPU (tokens, features, warps); not tuned. Interpreter: 4 x 8.
+# Tiles of _token_grad_kernel on GPU (tokens, features, warps); not tuned yet (benchmarks/tune_moe_kernels.py sweeps
+# them). Interpreter: 4 x 8.
 TOKEN_GRAD_BLOCKS_CUDA = (32, 128, 4)
 
 
