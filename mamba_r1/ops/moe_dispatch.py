@@ -59,24 +59,50 @@ def ffn_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- routing
 
 
+def half_input_logits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the router's float32 logits come from one half-input matmul with float32 output (CUDA, x and weight
+    both bf16 or both fp16, torch.mm with out_dtype) rather than from float32 copies of both."""
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and hasattr(torch.ops.aten.mm, "dtype"))
+
+
+def logits_forward(x: torch.Tensor, weight: torch.Tensor, half: bool) -> torch.Tensor:
+    """(tokens, dim), (num_experts, dim) -> (tokens, num_experts) float32 logits, no autocast; ``half`` from
+    half_input_logits. The products of two bf16 (or fp16) numbers are exact in float32, so the half path is the
+    float32 matmul of the upcast inputs up to summation order, without float32 copies of x."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if half:
+            return torch.mm(x, weight.t(), out_dtype=torch.float32)
+        return F.linear(x.float(), weight.float())
+
+
+def logits_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, half: bool, need_x: bool,
+                    need_weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of logits_forward for x and weight from the logits' (tokens, num_experts) float32 gradient. Half:
+    the gradient is rounded to x's dtype first (the weight and input gradients are rounded to it anyway) and the
+    matmuls accumulate in float32. Float32: the matmuls autograd's linear backward runs, cast back."""
+    if half:
+        grad = grad.to(x.dtype)
+        grad_x = torch.mm(grad, weight) if need_x else None
+        grad_weight = torch.mm(grad.t(), x) if need_weight else None
+    else:
+        grad_x = grad.mm(weight.float()).to(x.dtype) if need_x else None
+        grad_weight = grad.t().mm(x.float()).to(weight.dtype) if need_weight else None
+    return grad_x, grad_weight
+
+
 class _Float32Logits(torch.autograd.Function):
-    """x @ weight.T with half inputs, accumulated and returned in float32, without float32 copies of x: the
-    products of two bf16 (or fp16) numbers are exact in float32, so this is the float32 matmul of the upcast
-    inputs up to summation order. The backward rounds the logits' gradient to x's dtype (the weight and input
-    gradients are rounded to it anyway) and accumulates in float32."""
+    """logits_forward's half path with its backward (logits_backward); the float32 path is plain autograd."""
 
     @staticmethod
     def forward(ctx, x, weight):
         ctx.save_for_backward(x, weight)
-        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+        return logits_forward(x, weight, half=True)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        grad = grad.to(x.dtype)
-        grad_x = torch.mm(grad, weight) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.mm(grad.t(), x) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_weight
+        return logits_backward(grad, x, weight, True, *ctx.needs_input_grad[:2])
 
 
 def float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -84,12 +110,9 @@ def float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     autocast dtype: Switch's selective precision (a bf16 softmax over near-equal logits decides routing by rounding
     noise). On CUDA with x and weight both bf16 or fp16, one matmul with float32 output (torch.mm's out_dtype);
     elsewhere the float32 matmul of the upcast inputs."""
-    if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-            and hasattr(torch.ops.aten.mm, "dtype")):
-        with torch.autocast(device_type="cuda", enabled=False):
-            return _Float32Logits.apply(x, weight)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        return F.linear(x.float(), weight.float())
+    if half_input_logits(x, weight):
+        return _Float32Logits.apply(x, weight)
+    return logits_forward(x, weight, half=False)
 
 
 def expert_capacity(num_tokens, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int):
@@ -291,12 +314,17 @@ class _PermuteTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         slot_of, owns_slot = ctx.saved_tensors
-        tokens, top_k = slot_of.shape
-        picked = grad_rows.index_select(0, slot_of.flatten()).view(tokens, top_k, grad_rows.shape[-1])
-        if owns_slot is not None:
-            picked = torch.where(owns_slot[..., None], picked, 0)
-        grad_x = picked[:, 0] if top_k == 1 else picked.sum(1)  # a bf16 sum accumulates in float32
-        return grad_x, None, None, None
+        return permuted_rows_grad(grad_rows, slot_of, owns_slot), None, None, None
+
+
+def permuted_rows_grad(grad_rows: torch.Tensor, slot_of: torch.Tensor, owns_slot: torch.Tensor | None) -> torch.Tensor:
+    """(slots, dim) gradient of the permuted rows -> (tokens, dim) gradient of the tokens: each assignment's row
+    (zero where it owns none), summed over the choices; a gather, never an atomic scatter-add."""
+    tokens, top_k = slot_of.shape
+    picked = grad_rows.index_select(0, slot_of.flatten()).view(tokens, top_k, grad_rows.shape[-1])
+    if owns_slot is not None:
+        picked = torch.where(owns_slot[..., None], picked, 0)
+    return picked[:, 0] if top_k == 1 else picked.sum(1)  # a bf16 sum accumulates in float32
 
 
 def permute_tokens(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -542,6 +570,10 @@ __all__ = [
     "check_activation",
     "projection_width",
     "ffn_activation",
+    "float32_logits",
+    "half_input_logits",
+    "logits_forward",
+    "logits_backward",
     "expert_capacity",
     "Routing",
     "route_tokens",
@@ -551,6 +583,7 @@ __all__ = [
     "plan_grouped",
     "plan_padded",
     "permute_tokens",
+    "permuted_rows_grad",
     "combine_tokens",
     "grouped_matmul",
     "grouped_mm_supported",

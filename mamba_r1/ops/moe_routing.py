@@ -43,8 +43,12 @@ from mamba_r1.ops.moe_dispatch import (
     expert_ffn,
     float32_logits,
     grouped_matmul,
+    half_input_logits,
     load_balancing_loss,
+    logits_backward,
+    logits_forward,
     permute_tokens,
+    permuted_rows_grad,
     plan_grouped,
     plan_padded,
     route_tokens,
@@ -692,12 +696,6 @@ def _routed_tokens(outputs, grouped: bool, buffer_capacity: int) -> RoutedTokens
     return RoutedTokens(routing, plan, weights, RouterLosses(loss, aux[0], aux[1], aux[2]))
 
 
-def _half_logits(x: Tensor, weight: Tensor) -> bool:
-    """Whether float32_logits takes its half-input matmul with float32 output (moe_dispatch._Float32Logits)."""
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-            and hasattr(torch.ops.aten.mm, "dtype"))
-
-
 @_jit
 def _token_grad_kernel(
     grad_rows_ptr,  # (slots, dim) gradient of the permuted rows
@@ -776,12 +774,8 @@ class _RouteAndPermuteEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, valid, capacity, capacity_tensor, top_k, grouped, buffer_capacity, lb_coef, z_coef):
-        half = _half_logits(x, weight)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            if half:
-                logits = torch.mm(x, weight.t(), out_dtype=torch.float32)  # (tokens, num_experts)
-            else:
-                logits = torch.nn.functional.linear(x.float(), weight.float())
+        half = half_input_logits(x, weight)
+        logits = logits_forward(x, weight, half)  # (tokens, num_experts) float32
         outputs = _moe_route(logits, valid, capacity, capacity_tensor, top_k, grouped, buffer_capacity, lb_coef,
                              z_coef)
         probs, expert_idx, gates, rank, keep, weights, counts, slot_of, token_of_slot, *_, lse, grad_scale = outputs
@@ -794,40 +788,20 @@ class _RouteAndPermuteEager(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows, grad_probs, grad_idx, grad_gates, grad_rank, grad_keep, grad_weights, *grads):
         x, weight, probs, lse, expert_idx, keep, valid, grad_scale, slot_of = ctx.saved_tensors
-        grad_loss, grad_aux = grads[-4], grads[-3]
+        owns_slot = None if ctx.grouped else keep
+        router_grads = (grad_probs, grad_gates, grad_weights, grads[-4], grads[-3])  # ..., loss, aux
         need_x, need_weight = ctx.needs_input_grad[:2]
-        grad_x = grad_weight = None
-        router_grads = (grad_probs, grad_gates, grad_weights, grad_loss, grad_aux)
-        if grad_rows is not None and need_x and any(g is not None for g in router_grads):
-            # Both gradients of x: one kernel (_token_grad_kernel) instead of the composition's four.
-            grad_logits = _moe_route_bwd(probs, lse, expert_idx, keep, valid, grad_scale, *router_grads, *ctx.coefs)
-            grad_x = _token_grad(grad_rows, slot_of, None if ctx.grouped else keep, grad_logits, weight, x.dtype,
-                                 ctx.half)
-            if need_weight:
-                if ctx.half:
-                    grad_weight = torch.mm(grad_logits.to(x.dtype).t(), x)
-                else:
-                    grad_weight = grad_logits.t().mm(x.float()).to(weight.dtype)
-            return grad_x, grad_weight, None, None, None, None, None, None, None, None
-        if grad_rows is not None and need_x:
-            # _PermuteTokens' backward: each assignment's row, zero where it owns none, summed over the choices.
-            tokens, top_k = slot_of.shape
-            picked = grad_rows.index_select(0, slot_of.flatten()).view(tokens, top_k, grad_rows.shape[-1])
-            if not ctx.grouped:
-                picked = torch.where(keep[..., None], picked, 0)
-            grad_x = picked[:, 0] if top_k == 1 else picked.sum(1)
+        grad_logits = grad_x = grad_weight = None
         if any(g is not None for g in router_grads):
             grad_logits = _moe_route_bwd(probs, lse, expert_idx, keep, valid, grad_scale, *router_grads, *ctx.coefs)
-            # The router's backward as _Float32Logits and autograd's linear backward compute it.
-            if ctx.half:
-                grad_logits = grad_logits.to(x.dtype)
-                router_x = torch.mm(grad_logits, weight) if need_x else None
-                grad_weight = torch.mm(grad_logits.t(), x) if need_weight else None
-            else:
-                router_x = grad_logits.mm(weight.float()).to(x.dtype) if need_x else None
-                grad_weight = grad_logits.t().mm(x.float()).to(weight.dtype) if need_weight else None
-            if router_x is not None:
-                grad_x = router_x if grad_x is None else grad_x + router_x
+            _, grad_weight = logits_backward(grad_logits, x, weight, ctx.half, False, need_weight)
+        if need_x and grad_rows is not None and grad_logits is not None:
+            # Both gradients of x: one kernel instead of the composition's gather, select, matmul and add.
+            grad_x = _token_grad(grad_rows, slot_of, owns_slot, grad_logits, weight, x.dtype, ctx.half)
+        elif need_x and grad_rows is not None:
+            grad_x = permuted_rows_grad(grad_rows, slot_of, owns_slot)
+        elif need_x and grad_logits is not None:
+            grad_x, _ = logits_backward(grad_logits, x, weight, ctx.half, True, False)
         return grad_x, grad_weight, None, None, None, None, None, None, None, None
 
 
