@@ -10,6 +10,7 @@ the layouts follow (16-byte vector loads: 8 bf16 steps per thread). Compiled wit
 they are given here as the target shapes (dims, seqlens and strides all multiples of 16) would give them.
 `--sass` also prints the instruction mix of each kernel's innermost loop (the state loop): what it issues per state.
     python benchmarks/kernel_resources.py [--arch 90] [--d-state 16] [--sass]
+    python benchmarks/kernel_resources.py --moe        (SwitchMoE's bias + GELU and token-gradient kernels)
 """
 
 from __future__ import annotations
@@ -92,12 +93,55 @@ def resources(kernel, constexprs: dict, num_warps: int, arch: int, sass: bool = 
     return usage
 
 
+def moe_kernels(arch: int) -> None:
+    """Registers and whole-kernel instruction counts of the MoE's elementwise kernels (bf16 tensors, GELU, grouped
+    layout, the GPU tiles of mamba_r1/ops/moe_routing.py)."""
+    from mamba_r1.ops import moe_routing as m
+
+    def sig(kernel):
+        out = {}
+        for param in kernel.params:
+            name = param.name
+            if param.is_constexpr:
+                out[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                out[name] = ("*i64" if name in ("expert_ptr", "slot_of_ptr") else "*i1" if name == "keep_ptr"
+                             else "*fp32" if name in ("partial_ptr", "grad_logits_ptr") else "*bf16")
+            else:
+                out[name] = "i32"
+        return out
+
+    rows, feats, warps = m.BIAS_BLOCKS_CUDA
+    t_rows, t_feats, t_warps = m.TOKEN_GRAD_BLOCKS_CUDA
+    cases = [("bias + GELU forward", m._bias_act_fwd_kernel, dict(ACT=1, PADDED=False, BLOCK_R=rows, BLOCK_W=feats),
+              warps),
+             ("bias + GELU backward", m._bias_act_bwd_kernel, dict(ACT=1, PADDED=False, BLOCK_R=rows, BLOCK_W=feats),
+              warps),
+             ("token gradient, top-1", m._token_grad_kernel, dict(TOP_K=1, OWNS=False, HALF=True, BLOCK_T=t_rows,
+                                                                  BLOCK_D=t_feats), t_warps)]
+    for name, kernel, constexprs, num_warps in cases:
+        compiled = triton.compile(ASTSource(fn=kernel, signature=sig(kernel), constexprs=constexprs,
+                                            attrs=alignment_hints(kernel)),
+                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        sass = cuobjdump(compiled, "--dump-sass")
+        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text.strip()).split()[0].split(".")[0]
+                                  for text in re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", sass))
+        regs = re.search(r"REG:(\d+)", cuobjdump(compiled, "--dump-resource-usage")).group(1)
+        print(f"{name:24s} tile {constexprs.get('BLOCK_R', constexprs.get('BLOCK_T'))} x "
+              f"{constexprs.get('BLOCK_W', constexprs.get('BLOCK_D'))}, {num_warps} warps: registers {regs}, "
+              f"{sum(ops.values())} instructions: " + ", ".join(f"{op} {n}" for op, n in ops.most_common(6)))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--d-state", type=int, default=16)
     p.add_argument("--sass", action="store_true", help="also the instruction mix of each kernel's state loop")
+    p.add_argument("--moe", action="store_true", help="the MoE's elementwise kernels instead of the scan's")
     a = p.parse_args()
+    if a.moe:
+        moe_kernels(a.arch)
+        return
     block_n = triton.next_power_of_2(a.d_state)
     fwd_flags = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, HAS_H0=False, DELTA_SOFTPLUS=True, BLOCK_N=block_n,
                      CARRY_IN_MEMORY=True, UNROLL_N=1)
