@@ -51,6 +51,11 @@ STAGE_FUNCTIONS = (
     ("mamba_r1.modules.moe:SwitchMoE", "_capacity", "routing"),
     ("mamba_r1.modules.moe", "route_tokens", "routing"),
     ("mamba_r1.modules.moe", "route_and_plan", "routing"),
+    # route_and_permute (router logits, route_and_plan, permute_tokens): routing, but for the permutation it calls;
+    # on the kernels' path eagerly its fused node's gather counts as routing too.
+    ("mamba_r1.modules.moe", "route_and_permute", "routing"),
+    ("mamba_r1.ops.moe_routing", "route_and_plan", "routing"),
+    ("mamba_r1.ops.moe_routing", "permute_tokens", "permute"),
     ("mamba_r1.ops.moe_routing", "route_tokens", "routing"),
     ("mamba_r1.modules.moe:SwitchMoE", "_aux", "aux losses"),
     ("mamba_r1.ops.moe_routing", "router_losses_ref", "aux losses"),

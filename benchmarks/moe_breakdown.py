@@ -23,7 +23,7 @@ from bench_moe import expert_loop, rel_err
 from mamba_r1.modules.mlp import MLP
 from mamba_r1.modules.moe import SwitchMoE
 from mamba_r1.ops import moe_routing
-from mamba_r1.ops.moe_dispatch import permute_tokens, resolve_dispatch_backend
+from mamba_r1.ops.moe_dispatch import float32_logits, permute_tokens, resolve_dispatch_backend
 from mamba_r1.ops.moe_routing import combine, route_and_plan
 
 CALLS = 20
@@ -125,7 +125,7 @@ def main() -> None:
                                        padded_rows=moe.num_experts * buffer_capacity, assignments=a.tokens)
     layout = "grouped" if backend == "grouped_mm" else "padded"
     with torch.no_grad():
-        logits = moe._router_logits(x)
+        logits = float32_logits(x, moe.router.weight)
         routed = route_and_plan(logits, 1, capacity, None, "position", layout=layout,
                                 buffer_capacity=buffer_capacity, load_balance_coef=moe.load_balance_coef,
                                 z_loss_coef=moe.z_loss_coef)
@@ -146,7 +146,7 @@ def main() -> None:
         dense(x_grad).backward(grad)
 
     stages = [
-        ("router logits (float32)", no_grad(lambda: moe._router_logits(x))),
+        ("router logits (float32)", no_grad(lambda: float32_logits(x, moe.router.weight))),
         ("routing + plan + losses", no_grad(lambda: route_and_plan(
             logits, 1, capacity, None, "position", layout=layout, buffer_capacity=buffer_capacity,
             load_balance_coef=moe.load_balance_coef, z_loss_coef=moe.z_loss_coef))),

@@ -16,7 +16,6 @@ from mamba_r1.ops.moe_dispatch import (
     DispatchPlan,
     check_activation,
     expert_capacity,
-    float32_logits,
     projection_width,
     resolve_dispatch_backend,
 )
@@ -189,17 +188,13 @@ class SwitchMoE(nn.Module):
 
     def _jittered(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """The router's input with multiplicative jitter (training with jitter_noise > 0), in float32; None
-        otherwise (the router reads the tokens themselves)."""
+        otherwise (the router reads the tokens themselves). The router runs in float32 either way (float32_logits):
+        Switch's selective precision, since a bf16 softmax over near-equal logits decides routing by rounding
+        noise."""
         if self.training and self.jitter_noise > 0:
             router_in = tokens.float()
             return router_in * torch.empty_like(router_in).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         return None
-
-    def _router_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(tokens, dim) -> (tokens, num_experts) in float32: Switch's selective precision, since a bf16 softmax
-        over near-equal logits decides routing by rounding noise."""
-        jittered = self._jittered(tokens)
-        return float32_logits(tokens if jittered is None else jittered, self.router.weight)
 
     def _capacity(self, num_tokens: int, valid: torch.Tensor | None):
         """-> (capacity compared against each assignment's rank, rows per expert of the padded buffer).
