@@ -28,6 +28,28 @@ def median_ms(fn, device: str, reps: int = 10) -> float:
     return statistics.median(times)
 
 
+QUEUE_SLEEP_CYCLES = 400_000_000  # ~0.2 s at H100/H200 clocks: longer than the host needs to enqueue the calls
+
+
+def queued_gpu_us(fn, reps: int = 25, flush_mb: int = 256) -> float:
+    """Median GPU time of fn() in µs with the host out of the picture: every call (each after an L2 flush, like
+    do_bench's) is enqueued while the GPU sleeps, and CUDA events around each call time only its kernels. do_bench
+    enqueues one call at a time, so a call whose launches take longer on the host than its kernels on the GPU (a
+    few small launches on a slow host) is timed at its host cost instead. Run fn once before (compilation)."""
+    flush = torch.empty(flush_mb * 2**20, dtype=torch.int8, device="cuda")
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(QUEUE_SLEEP_CYCLES)
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(start.elapsed_time(end) for start, end in events)
+
+
 def add_moe_shape_args(parser) -> None:
     """--tokens, --dim, --expert-dim, --experts, defaulting to TARGETS.md's SwitchMoE shape."""
     parser.add_argument("--tokens", type=int, default=16384)
