@@ -704,8 +704,9 @@ def _token_grad_kernel(
     grad_logits_ptr,  # (tokens, num_experts) float32
     weight_ptr,  # (num_experts, dim) router weight
     grad_x_ptr,  # (tokens, dim) in x's dtype
-    tokens, dim, num_experts,
-    TOP_K: tl.constexpr, OWNS: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    tokens, dim,
+    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, OWNS: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One program per (block of tokens, block of features): x's whole gradient, the permutation's (each
     assignment's row of grad_rows, zero where it owns none, summed over the choices, rounded to x's dtype) plus the
@@ -729,8 +730,8 @@ def _token_grad_kernel(
                           other=0.0).to(tl.float32)
     picked = picked.to(x_ty).to(tl.float32)
     router = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for e in range(num_experts):
-        g = tl.load(grad_logits_ptr + offs_t.to(tl.int64) * num_experts + e, mask=mask_t, other=0.0)
+    for e in tl.static_range(NUM_EXPERTS):  # unrolled: the loads of every expert can be in flight at once
+        g = tl.load(grad_logits_ptr + offs_t.to(tl.int64) * NUM_EXPERTS + e, mask=mask_t, other=0.0)
         if HALF:
             g = g.to(x_ty).to(tl.float32)
         w = tl.load(weight_ptr + e * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -739,9 +740,9 @@ def _token_grad_kernel(
     tl.store(grad_x_ptr + offs_t.to(tl.int64)[:, None] * dim + offs_d[None, :], total.to(x_ty), mask=mask)
 
 
-# Tiles of _token_grad_kernel on GPU (tokens, features, warps); not tuned yet (benchmarks/tune_moe_kernels.py sweeps
-# them). Interpreter: 4 x 8.
-TOKEN_GRAD_BLOCKS_CUDA = (32, 128, 4)
+# Tiles of _token_grad_kernel on GPU (tokens, features, warps), from benchmarks/tune_moe_kernels.py on an H200 at the
+# layer's 16384 x 1024 (RESULTS.md, 2026-11-30, fifth session). Interpreter: 4 x 8.
+TOKEN_GRAD_BLOCKS_CUDA = (128, 64, 4)
 
 
 def _token_grad(grad_rows: Tensor, slot_of: Tensor, keep: Tensor | None, grad_logits: Tensor, weight: Tensor,
@@ -758,8 +759,8 @@ def _token_grad(grad_rows: Tensor, slot_of: Tensor, keep: Tensor | None, grad_lo
         grid = (triton.cdiv(tokens, block_t), triton.cdiv(dim, block_d))
         keep_arg = keep.contiguous() if keep is not None else slot_of  # the plans may hand over transposed ones
         _token_grad_kernel[grid](grad_rows_k, slot_of.contiguous(), keep_arg,
-                                 grad_logits.contiguous(), weight_k, grad_x, tokens, dim, weight.shape[0],
-                                 TOP_K=top_k, OWNS=keep is not None, HALF=half, BLOCK_T=block_t, BLOCK_D=block_d,
+                                 grad_logits.contiguous(), weight_k, grad_x, tokens, dim,
+                                 NUM_EXPERTS=weight.shape[0], TOP_K=top_k, OWNS=keep is not None, HALF=half, BLOCK_T=block_t, BLOCK_D=block_d,
                                  num_warps=warps)
     return grad_x.to(x_dtype)
 
@@ -844,8 +845,9 @@ def route_and_permute(
 
 # ---------------------------------------------------------------------------------------------- combine
 
-# Combine tiles on GPU: 32 tokens (or slots) x 128 features per program, 4 warps; not tuned. Interpreter: 4 x 8.
-COMBINE_BLOCK_T_CUDA, COMBINE_BLOCK_D_CUDA, COMBINE_WARPS_CUDA = 32, 128, 4
+# Combine tiles on GPU: 64 tokens (or slots) x 128 features per program, 4 warps, from benchmarks/tune_moe_kernels.py
+# on an H200 (the backward's best; every forward tile is within 3%). Interpreter: 4 x 8.
+COMBINE_BLOCK_T_CUDA, COMBINE_BLOCK_D_CUDA, COMBINE_WARPS_CUDA = 64, 128, 4
 COMBINE_BLOCK_T_INTERPRET, COMBINE_BLOCK_D_INTERPRET = 4, 8
 
 
@@ -1026,7 +1028,8 @@ def _moe_combine_bwd(grad_out: Tensor, rows: Tensor, weights: Tensor, token_of_s
         bias_block_w = min(block_d, triton.next_power_of_2(max(dim, 1)))
         _bias_grad_kernel[(num_experts, triton.cdiv(dim, bias_block_w))](
             partial, group_ends if group_ends is not None else token_of_slot, grad_bias, dim, max(capacity, 1),
-            PADDED=capacity > 0, BLOCK_R=block_s, BLOCK_W=bias_block_w, num_warps=warps)
+            PADDED=capacity > 0, BLOCK_R=block_s, BLOCK_W=bias_block_w, PARTS=_bias_grad_parts(interpreting),
+            num_warps=warps)
         grad_bias = grad_bias.to(bias.dtype)
     return (grad_rows if grad_rows.dtype == rows.dtype else grad_rows.to(rows.dtype)), grad_weights, grad_bias
 
@@ -1215,10 +1218,11 @@ def _bias_grad_kernel(
     group_ends_ptr,  # (num_experts,) int32 end row of each expert (grouped layout; not read with PADDED)
     grad_bias_ptr,  # (num_experts, width) in the bias's dtype
     width, capacity,  # capacity: rows per expert of the padded layout
-    PADDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+    PADDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, PARTS: tl.constexpr,
 ):
     """One program per (expert, block of features): the sum of the partials of the row blocks the expert's rows
-    span, in block order; 0 for an expert without rows."""
+    span, PARTS partials per step (a fixed order: deterministic); 0 for an expert without rows. One partial per
+    step left each program waiting on one load at a time (10.7 µs for the 16384 x 4096 layer's bias on an H200)."""
     e = tl.program_id(0)
     offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     mask_w = offs_w < width
@@ -1230,9 +1234,18 @@ def _bias_grad_kernel(
         start = tl.load(group_ends_ptr + e - 1, mask=e > 0, other=0)
     acc = tl.zeros((BLOCK_W,), dtype=tl.float32)
     stop = tl.where(end > start, (end - 1) // BLOCK_R + 1, start // BLOCK_R)  # no rows: no partial to read
-    for b in range(start // BLOCK_R, stop):
-        acc += tl.load(partial_ptr + (b + e) * width + offs_w, mask=mask_w, other=0.0)
+    for b0 in range(start // BLOCK_R, stop, PARTS):
+        offs_b = b0 + tl.arange(0, PARTS)
+        parts = tl.load(partial_ptr + (offs_b + e)[:, None] * width + offs_w[None, :],
+                        mask=(offs_b < stop)[:, None] & mask_w[None, :], other=0.0)
+        acc += tl.sum(parts, axis=0)
     tl.store(grad_bias_ptr + e * width + offs_w, acc.to(grad_bias_ptr.dtype.element_ty), mask=mask_w)
+
+
+def _bias_grad_parts(interpreting: bool) -> int:
+    """Partials _bias_grad_kernel sums per step: 16 on GPU; 2 under the interpreter, so that the tests' small
+    experts span several steps."""
+    return 2 if interpreting else 16
 
 
 def _bias_blocks(interpreting: bool) -> tuple[int, int, int]:
@@ -1288,7 +1301,7 @@ def _moe_bias_act_bwd(grad: Tensor, h: Tensor, bias: Tensor, expert_of_slot: Ten
             max(capacity, 1), ACT=act, PADDED=capacity > 0, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
     _bias_grad_kernel[(num_experts, triton.cdiv(width, block_w))](
         partial, group_ends, grad_bias, width, max(capacity, 1), PADDED=capacity > 0, BLOCK_R=block_r,
-        BLOCK_W=block_w, num_warps=warps)
+        BLOCK_W=block_w, PARTS=_bias_grad_parts(interpreting), num_warps=warps)
     return grad_h.to(h.dtype), grad_bias.to(bias.dtype)
 
 
