@@ -742,7 +742,7 @@ def _token_grad_kernel(
 
 # Tiles of _token_grad_kernel on GPU (tokens, features, warps), from benchmarks/tune_moe_kernels.py on an H200 at the
 # layer's 16384 x 1024 (RESULTS.md, 2026-11-30, fifth session). Interpreter: 4 x 8.
-TOKEN_GRAD_BLOCKS_CUDA = (128, 64, 4)
+TOKEN_GRAD_BLOCKS_CUDA = (64, 64, 4)
 
 
 def _token_grad(grad_rows: Tensor, slot_of: Tensor, keep: Tensor | None, grad_logits: Tensor, weight: Tensor,
