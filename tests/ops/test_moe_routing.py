@@ -393,7 +393,10 @@ def test_layer_backward_is_three_nodes_eagerly(monkeypatch, backend):
 @given(case=route_cases(), dim=st.integers(1, 19), half=st.booleans())
 def test_token_gradient_kernel_matches_the_composition(dtype, case, dim, half):
     """x's gradient in one kernel: the permutation's (each assignment's row, zero where it owns none, summed over
-    the choices) plus the router's (grad_logits @ weight), against the same sum in float64."""
+    the choices) plus the router's (grad_logits @ weight, grad_logits rounded to x's dtype first when ``half``, as
+    the composition does), against the same sum in float64. The error is measured against the terms' magnitudes,
+    not the sum's: the kernel rounds each part to x's dtype before adding them, and where they cancel (an H200 run
+    found 1.52 - 1.38 at dim 1) a bf16 rounding of a part is several per cent of the sum."""
     plan = _route(case, "torch").plan
     gen = torch.Generator().manual_seed(case["seed"])
     grad_rows = torch.randn(plan.token_of_slot.numel(), dim, generator=gen).to(DEVICE, dtype)
@@ -403,9 +406,11 @@ def test_token_gradient_kernel_matches_the_composition(dtype, case, dim, half):
     picked = grad_rows.double()[plan.slot_of]  # (tokens, top_k, dim)
     if plan.owns_slot is not None:
         picked = torch.where(plan.owns_slot[..., None], picked, 0)
-    want = picked.sum(1) + grad_logits.double() @ weight.double()
+    g = grad_logits.to(dtype).double() if half else grad_logits.double()
+    want = picked.sum(1) + g @ weight.double()
+    scale = picked.abs().sum(1) + g.abs() @ weight.double().abs()  # (tokens, dim) magnitude of the terms
     assert got.dtype == dtype and got.shape == want.shape
-    assert rel_err(got, want) <= TOL[dtype]
+    assert ((got.double() - want).norm() / scale.norm().clamp_min(1e-30)).item() <= TOL[dtype]
 
 
 def test_gelu_kernel_is_float32_accurate():
