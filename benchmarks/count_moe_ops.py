@@ -257,12 +257,15 @@ def main() -> None:
                         help="take the Triton paths the layer takes on CUDA (run by Triton's interpreter on CPU)")
     args = parser.parse_args()
     if args.kernels and torch.device(args.device).type == "cpu":
+        import mamba_r1.ops.moe_combine as moe_combine
+        import mamba_r1.ops.moe_expert_ffn as moe_expert_ffn
         import mamba_r1.ops.moe_routing as moe_routing
 
         # The layer's "auto" backends pick the kernels on CUDA tensors: pick them on CPU too.
         moe_routing.resolve_routing_backend = lambda backend, logits, priority: (
             "triton" if priority == "position" and logits.shape[0] > 0 else "torch")
-        moe_routing.resolve_backend = lambda op, backend, device: "triton"
+        for module in (moe_routing, moe_combine, moe_expert_ffn):
+            module.resolve_backend = lambda op, backend, device: "triton"
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     factory = dict(device=device, dtype=dtype)

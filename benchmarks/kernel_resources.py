@@ -95,8 +95,9 @@ def resources(kernel, constexprs: dict, num_warps: int, arch: int, sass: bool = 
 
 def moe_kernels(arch: int) -> None:
     """Registers and whole-kernel instruction counts of the MoE's elementwise kernels (bf16 tensors, GELU, grouped
-    layout, the GPU tiles of mamba_r1/ops/moe_routing.py)."""
-    from mamba_r1.ops import moe_routing as m
+    layout, the GPU tiles of mamba_r1/ops/moe_expert_ffn.py and moe_routing.py)."""
+    from mamba_r1.ops import moe_expert_ffn as ffn
+    from mamba_r1.ops import moe_routing as routing
 
     def sig(kernel):
         out = {}
@@ -111,14 +112,14 @@ def moe_kernels(arch: int) -> None:
                 out[name] = "i32"
         return out
 
-    rows, feats, warps = m.BIAS_BLOCKS_CUDA
-    t_rows, t_feats, t_warps = m.TOKEN_GRAD_BLOCKS_CUDA
-    cases = [("bias + GELU forward", m._bias_act_fwd_kernel, dict(ACT=1, PADDED=False, BLOCK_R=rows, BLOCK_W=feats),
+    rows, feats, warps = ffn.BIAS_BLOCKS_CUDA
+    t_rows, t_feats, t_warps = routing.TOKEN_GRAD_BLOCKS_CUDA
+    cases = [("bias + GELU forward", ffn._bias_act_fwd_kernel, dict(ACT=1, PADDED=False, BLOCK_R=rows, BLOCK_W=feats),
               warps),
-             ("bias + GELU backward", m._bias_act_bwd_kernel, dict(ACT=1, PADDED=False, BLOCK_R=rows, BLOCK_W=feats),
+             ("bias + GELU backward", ffn._bias_act_bwd_kernel, dict(ACT=1, PADDED=False, BLOCK_R=rows, BLOCK_W=feats),
               warps),
-             ("token gradient, top-1", m._token_grad_kernel, dict(TOP_K=1, OWNS=False, HALF=True, BLOCK_T=t_rows,
-                                                                  BLOCK_D=t_feats), t_warps)]
+             ("token gradient, top-1", routing._token_grad_kernel,
+              dict(NUM_EXPERTS=8, TOP_K=1, OWNS=False, HALF=True, BLOCK_T=t_rows, BLOCK_D=t_feats), t_warps)]
     for name, kernel, constexprs, num_warps in cases:
         compiled = triton.compile(ASTSource(fn=kernel, signature=sig(kernel), constexprs=constexprs,
                                             attrs=alignment_hints(kernel)),

@@ -22,9 +22,10 @@ from bench_moe import expert_loop, rel_err
 
 from mamba_r1.modules.mlp import MLP
 from mamba_r1.modules.moe import SwitchMoE
-from mamba_r1.ops import moe_routing
+from mamba_r1.ops import moe_combine, moe_expert_ffn
+from mamba_r1.ops.moe_combine import combine
 from mamba_r1.ops.moe_dispatch import float32_logits, permute_tokens, resolve_dispatch_backend
-from mamba_r1.ops.moe_routing import combine, route_and_plan
+from mamba_r1.ops.moe_routing import route_and_plan
 
 CALLS = 20
 BACKWARD_RUNS = 7
@@ -188,12 +189,12 @@ def main() -> None:
     plan, ex = routed.plan, moe.experts
     h = torch.randn(rows_out.shape[0], ex.w1.shape[-1], **factory)
     direct = {
-        "combine backward body (+ output bias)": lambda: moe_routing._moe_combine_bwd(
+        "combine backward body (+ output bias)": lambda: moe_combine._moe_combine_bwd(
             grad, rows_out, routed.weights, plan.token_of_slot, plan.assignment_of_slot, True, ex.b2,
             plan.expert_of_slot, plan.group_ends, 0),
-        "combine backward body (no bias)": lambda: moe_routing._moe_combine_bwd(
+        "combine backward body (no bias)": lambda: moe_combine._moe_combine_bwd(
             grad, rows_out, routed.weights, plan.token_of_slot, plan.assignment_of_slot, True, None, None, None, 0),
-        "bias + GELU backward body": lambda: moe_routing._moe_bias_act_bwd(
+        "bias + GELU backward body": lambda: moe_expert_ffn._moe_bias_act_bwd(
             h, h, ex.b1, plan.expert_of_slot, plan.group_ends, "gelu", 0),
         "two torch.mm (router logits' backward)": lambda: (torch.mm(logits.to(x.dtype), moe.router.weight),
                                                            torch.mm(logits.to(x.dtype).t(), x)),

@@ -36,6 +36,7 @@ for w in $what; do
               | tee "$OUT/quicktests.log" ;;
     # The MoE kernels (routing + plan + losses, combine, bias + activation) and the layer.
     moetests) timeout 420 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/ops/test_moe_routing.py \
+              tests/ops/test_moe_combine.py tests/ops/test_moe_expert_ffn.py tests/ops/test_moe_layer_kernels.py \
               tests/modules/test_moe.py tests/ops/test_moe_dispatch.py 2>&1 | tail -60 | tee "$OUT/moetests.log" ;;
     scan)   python3 benchmarks/bench_scan.py --device cuda --preset targets --out "$OUT/scan_cuda.json" 2>&1 | tee "$OUT/scan.log" ;;
     block)  python3 benchmarks/bench_block.py --device cuda 2>&1 | tee "$OUT/block.log" ;;

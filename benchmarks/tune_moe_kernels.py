@@ -1,6 +1,6 @@
-"""Sweep the tile sizes of SwitchMoE's elementwise kernels (mamba_r1/ops/moe_routing.py) at the layer's shapes and
-print each configuration's time and memory throughput: the data behind BIAS_BLOCKS_CUDA, COMBINE_*_CUDA and
-TOKEN_GRAD_BLOCKS_CUDA.
+"""Sweep the tile sizes of SwitchMoE's elementwise kernels (mamba_r1/ops/moe_expert_ffn.py, moe_combine.py,
+moe_routing.py) at the layer's shapes and print each configuration's time and memory throughput: the data behind
+BIAS_BLOCKS_CUDA, COMBINE_*_CUDA and TOKEN_GRAD_BLOCKS_CUDA.
 
     python benchmarks/tune_moe_kernels.py [--tokens 16384] [--dim 1024] [--expert-dim 4096] [--experts 8]
                                           [--kernels bias_act,combine,token_grad]   (CUDA)
@@ -24,7 +24,7 @@ import torch
 import triton.testing
 from common import add_moe_shape_args, device_name, queued_gpu_us, write_json
 
-from mamba_r1.ops import moe_routing
+from mamba_r1.ops import moe_combine, moe_expert_ffn, moe_routing
 from mamba_r1.ops.moe_dispatch import combine_tokens, ffn_activation
 from mamba_r1.ops.moe_routing import route_and_plan
 
@@ -52,16 +52,16 @@ def bias_act_case(a):
     args = (h, bias, plan.expert_of_slot, plan.group_ends, "gelu", 0)
 
     def check():
-        out = moe_routing._moe_bias_act(*args)
-        grad_h, grad_b = moe_routing._moe_bias_act_bwd(grad, *args)
+        out = moe_expert_ffn._moe_bias_act(*args)
+        grad_h, grad_b = moe_expert_ffn._moe_bias_act_bwd(grad, *args)
         return max(rel(out, ref), rel(grad_h, h32.grad), rel(grad_b, b32.grad))
 
     def set_tile(block):
-        moe_routing._bias_blocks = lambda interpreting: block
+        moe_expert_ffn._bias_blocks = lambda interpreting: block
 
     mb = h.numel() * 2 / 1e6
-    return set_tile, [("forward", lambda: moe_routing._moe_bias_act(*args), 2 * mb),
-                      ("backward", lambda: moe_routing._moe_bias_act_bwd(grad, *args), 3 * mb)], check
+    return set_tile, [("forward", lambda: moe_expert_ffn._moe_bias_act(*args), 2 * mb),
+                      ("backward", lambda: moe_expert_ffn._moe_bias_act_bwd(grad, *args), 3 * mb)], check
 
 
 def routed_plan(a):
@@ -85,17 +85,17 @@ def combine_case(a):
                 plan.group_ends, 0)
 
     def check():
-        out = moe_routing._moe_combine(*args)
-        grad_rows, grad_weights, grad_bias = moe_routing._moe_combine_bwd(*bwd_args)
+        out = moe_combine._moe_combine(*args)
+        grad_rows, grad_weights, grad_bias = moe_combine._moe_combine_bwd(*bwd_args)
         return max(rel(out, ref), rel(grad_rows, leaves[0].grad), rel(grad_weights, leaves[1].grad),
                    rel(grad_bias, leaves[2].grad))
 
     def set_tile(block):
-        moe_routing._combine_blocks = lambda interpreting: block
+        moe_combine._combine_blocks = lambda interpreting: block
 
     mb = rows.numel() * 2 / 1e6
-    return set_tile, [("forward", lambda: moe_routing._moe_combine(*args), 2 * mb),
-                      ("backward", lambda: moe_routing._moe_combine_bwd(*bwd_args), 3 * mb)], check
+    return set_tile, [("forward", lambda: moe_combine._moe_combine(*args), 2 * mb),
+                      ("backward", lambda: moe_combine._moe_combine_bwd(*bwd_args), 3 * mb)], check
 
 
 def token_grad_case(a):
@@ -120,7 +120,7 @@ def main():
     p.add_argument("--kernels", default=",".join(KERNELS))
     p.add_argument("--out", default="tune_moe_kernels.json")
     a = p.parse_args()
-    tables = {"bias_act": moe_routing._bias_blocks(False), "combine": moe_routing._combine_blocks(False),
+    tables = {"bias_act": moe_expert_ffn._bias_blocks(False), "combine": moe_combine._combine_blocks(False),
               "token_grad": moe_routing.TOKEN_GRAD_BLOCKS_CUDA}
     print(f"{device_name('cuda')}, torch {torch.__version__}; current tiles (rows, features, warps) {tables}")
     report = {"device": device_name("cuda"), "config": vars(a), "current": tables, "rows": []}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from mamba_r1.ops.moe_combine import combine
 from mamba_r1.ops.moe_dispatch import (
     DISPATCH_BACKENDS,
     PRIORITIES,
@@ -19,7 +20,8 @@ from mamba_r1.ops.moe_dispatch import (
     projection_width,
     resolve_dispatch_backend,
 )
-from mamba_r1.ops.moe_routing import combine, expert_ffn_fused, route_and_permute
+from mamba_r1.ops.moe_expert_ffn import expert_ffn_fused
+from mamba_r1.ops.moe_routing import route_and_permute
 
 
 @dataclass

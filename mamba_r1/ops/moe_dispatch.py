@@ -10,8 +10,8 @@ The pipeline (every step a pure function on tensors, no parameter owned here):
     combine_tokens   gather each token's expert outputs back and add them up, weighted by the gates
 
 ``switch_moe_ref`` beside it is the specification: a Python loop over tokens that routes one token at a time.
-On CUDA the layer runs fused Triton versions of routing + plan + losses, combine and the grouped layout's bias adds
-and activation (moe_routing.py); the functions here are their specification and the CPU path.
+On CUDA the layer runs fused Triton versions of routing + plan + losses (moe_routing.py), combine (moe_combine.py)
+and the bias adds and activation (moe_expert_ffn.py); the functions here are their specification and the CPU path.
 
 Nothing on this path reads a tensor's value on the host (no ``.item()``, no boolean indexing), so a forward
 never waits for the device and traces under ``torch.compile`` without graph breaks. The price is buffers sized

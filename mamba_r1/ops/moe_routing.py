@@ -19,13 +19,13 @@ backend computes the same integers (ranks, keep, plan: exactly equal) and the sa
 Nothing reads a tensor on the host; buffers are sized from shapes. ``priority="gate"`` (a global sort by router
 confidence) has no kernel: it takes the torch path, as does an empty batch.
 
-Every kernel here (routing, combine, bias + activation) is a torch custom op with a fake and registered autograd,
-which torch.compile, export and opcheck use; eagerly the public functions run the same Python bodies under plain
-autograd.Functions (``_run``), skipping the dispatcher's per-call host cost. Eagerly SwitchMoE's backward is three
-autograd nodes, because each costs the autograd engine's device thread host time and the layer is host-bound there:
-``route_and_permute`` (router logits, routing + plan + losses, and the token permutation; x's two gradients formed
-by one more kernel, ``_token_grad_kernel``), ``expert_ffn_fused`` (two matmuls and bias + activation), and
-``combine`` (with the experts' output bias). Under torch.compile they are the compositions of the custom ops.
+``route_and_permute`` adds the router's logits before and the token permutation after, as one autograd node
+eagerly (x's two gradients formed by one more kernel, ``_token_grad_kernel``). The layer's other kernels: combine
+(moe_combine.py), bias + activation and the expert FFN (moe_expert_ffn.py). Every kernel is a torch custom op with a
+fake and registered autograd (torch.compile, export, opcheck); eagerly the public functions run the same Python
+bodies under plain autograd.Functions (eager_custom_ops.py). Eagerly SwitchMoE's backward is three autograd nodes,
+route_and_permute's, expert_ffn_fused's and combine's, because each costs the autograd engine's device thread host
+time and the layer is host-bound there. Under torch.compile they are the compositions of the custom ops.
 """
 
 from __future__ import annotations
@@ -36,13 +36,12 @@ import torch
 from loguru import logger
 from torch import Tensor
 
+from mamba_r1.ops import eager_custom_ops
+from mamba_r1.ops.eager_custom_ops import backward_op, eager_function, run_op
 from mamba_r1.ops.moe_dispatch import (
     DispatchPlan,
     Routing,
-    combine_tokens,
-    expert_ffn,
     float32_logits,
-    grouped_matmul,
     half_input_logits,
     load_balancing_loss,
     logits_backward,
@@ -427,36 +426,6 @@ def _route_bwd_kernel(
     tl.store(grad_logits_ptr + tile, grad, mask=tile_mask)
 
 
-def _run(op, eager, *args):
-    """Call a custom op. Eagerly, its Python body runs under ``eager`` (a plain autograd.Function with the same
-    setup_context and backward, from _eager_function): the dispatcher and custom_op's autograd wrapper cost some
-    20 µs of host time per call and backward on a 2-core CPU, many times that on a slow host, and the layer is
-    host-bound there (benchmarks/moe_breakdown.py). Under torch.compile / export the op itself, whose schema and fake
-    the tracer needs."""
-    if torch.compiler.is_compiling():
-        return op(*args)
-    return eager.apply(*args)
-
-
-def _backward_op(ctx, op, body):
-    """What a backward calls: the backward op's Python body when its forward ran eagerly (_run), the op itself when
-    the forward was traced, or when a backward is being traced (compiled autograd)."""
-    return body if getattr(ctx, "eager", False) and not torch.compiler.is_compiling() else op
-
-
-def _eager_function(name: str, body, setup_context, backward) -> type[torch.autograd.Function]:
-    """An autograd.Function running a custom op's body with the op's own setup_context and backward."""
-
-    def forward(ctx, *args):
-        ctx.eager = True
-        output = body(*args)
-        setup_context(ctx, args, output)
-        return output
-
-    return type(name, (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
-
-
 def _interpreting() -> bool:
     """Whether this module's kernels run on Triton's CPU interpreter (see built_for_interpreter)."""
     return built_for_interpreter(_route_fwd_kernel)
@@ -612,14 +581,14 @@ def _route_setup_context(ctx, inputs, output):
 def _route_backward(ctx, grad_probs, grad_idx, grad_gates, grad_rank, grad_keep, grad_weights, *grads):
     probs, lse, expert_idx, keep, valid, grad_scale = ctx.saved_tensors
     grad_loss, grad_aux = grads[-4], grads[-3]
-    grad_logits = _backward_op(ctx, moe_route_bwd_op, _moe_route_bwd)(
+    grad_logits = backward_op(ctx, moe_route_bwd_op, _moe_route_bwd)(
         probs, lse, expert_idx, keep, valid, grad_scale, grad_probs, grad_gates, grad_weights, grad_loss, grad_aux,
         *ctx.coefs)
     return grad_logits, None, None, None, None, None, None, None, None
 
 
 moe_route_op.register_autograd(_route_backward, setup_context=_route_setup_context)
-_RouteEager = _eager_function("_RouteEager", _moe_route, _route_setup_context, _route_backward)
+_RouteEager = eager_function("_RouteEager", _moe_route, _route_setup_context, _route_backward)
 
 
 # ---------------------------------------------------------------------------------------------- public function
@@ -667,7 +636,7 @@ def route_and_plan(
         return route_and_plan_ref(logits, top_k, capacity, valid, priority, layout, buffer_capacity,
                                   load_balance_coef, z_loss_coef, losses)
     grouped = layout == "grouped"
-    outputs = _run(moe_route_op, _RouteEager, logits.float(), valid, *_capacity_args(capacity), top_k, grouped,
+    outputs = run_op(moe_route_op, _RouteEager, logits.float(), valid, *_capacity_args(capacity), top_k, grouped,
                    buffer_capacity, float(load_balance_coef), float(z_loss_coef))
     return _routed_tokens(outputs, grouped, buffer_capacity)
 
@@ -760,8 +729,8 @@ def _token_grad(grad_rows: Tensor, slot_of: Tensor, keep: Tensor | None, grad_lo
         keep_arg = keep.contiguous() if keep is not None else slot_of  # the plans may hand over transposed ones
         _token_grad_kernel[grid](grad_rows_k, slot_of.contiguous(), keep_arg,
                                  grad_logits.contiguous(), weight_k, grad_x, tokens, dim,
-                                 NUM_EXPERTS=weight.shape[0], TOP_K=top_k, OWNS=keep is not None, HALF=half, BLOCK_T=block_t, BLOCK_D=block_d,
-                                 num_warps=warps)
+                                 NUM_EXPERTS=weight.shape[0], TOP_K=top_k, OWNS=keep is not None, HALF=half,
+                                 BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
     return grad_x.to(x_dtype)
 
 
@@ -830,7 +799,7 @@ def route_and_permute(
     if x.dim() != 2 or router_weight.dim() != 2 or router_weight.shape[1] != x.shape[1]:
         raise ValueError(f"route_and_permute: x must be (tokens, dim) and router_weight (num_experts, dim); got x "
                          f"{tuple(x.shape)}, router_weight {tuple(router_weight.shape)}")
-    fused = (router_input is None and not torch.compiler.is_compiling()
+    fused = (router_input is None and not eager_custom_ops.tracing()
              and _routing_backend(backend, x.device, x.shape[0], priority) == "triton")
     if not fused:
         logits = float32_logits(x if router_input is None else router_input, router_weight)
@@ -843,605 +812,5 @@ def route_and_permute(
     return _routed_tokens(outputs, grouped, buffer_capacity), rows
 
 
-# ---------------------------------------------------------------------------------------------- combine
-
-# Combine tiles on GPU: 64 tokens (or slots) x 128 features per program, 4 warps, from benchmarks/tune_moe_kernels.py
-# on an H200 (the backward's best; every forward tile is within 3%). Interpreter: 4 x 8.
-COMBINE_BLOCK_T_CUDA, COMBINE_BLOCK_D_CUDA, COMBINE_WARPS_CUDA = 64, 128, 4
-COMBINE_BLOCK_T_INTERPRET, COMBINE_BLOCK_D_INTERPRET = 4, 8
-
-
-@_jit
-def _row_expert(slot, mask, expert_ptr, capacity, PADDED: tl.constexpr):
-    """The expert of each buffer row: row // capacity in the padded layout, expert_of_slot in the grouped one; -1
-    where masked."""
-    if PADDED:
-        expert = tl.where(mask, slot // capacity, -1)
-    else:
-        expert = tl.load(expert_ptr + slot, mask=mask, other=-1)
-    return expert
-
-
-@_jit
-def _combine_fwd_kernel(
-    rows_ptr,  # (slots, dim) expert outputs
-    weights_ptr,  # (tokens, TOP_K) float32
-    slot_of_ptr,  # (tokens, TOP_K) int64
-    bias_ptr,  # (num_experts, dim) output bias of the experts (read with HAS_BIAS)
-    expert_ptr,  # (slots,) int64 expert of each row (grouped layout with HAS_BIAS)
-    out_ptr,  # (tokens, dim) in rows' dtype
-    tokens, dim, capacity,  # capacity: rows per expert of the padded layout
-    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, PADDED: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """One program per (block of tokens, block of features): out[t] = sum_j round(w[t, j]) * row_j with row_j =
-    rows[slot_of[t, j]] (+ bias[its expert], rounded to rows' dtype, as a separate bias kernel would store it),
-    each product rounded to rows' dtype and the sum accumulated in float32, as the torch composition does."""
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_t = offs_t < tokens
-    mask = mask_t[:, None] & (offs_d < dim)[None, :]
-    rows_ty = rows_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        pair = offs_t.to(tl.int64) * TOP_K + j
-        slot = tl.load(slot_of_ptr + pair, mask=mask_t, other=0)
-        weight = tl.load(weights_ptr + pair, mask=mask_t, other=0.0).to(rows_ty).to(tl.float32)
-        row = tl.load(rows_ptr + slot[:, None] * dim + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            expert = _row_expert(slot, mask_t, expert_ptr, capacity, PADDED)
-            row += tl.load(bias_ptr + expert[:, None] * dim + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-            row = row.to(rows_ty).to(tl.float32)
-        acc += (row * weight[:, None]).to(rows_ty).to(tl.float32)
-    tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * dim + offs_d[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mask)
-
-
-@_jit
-def _combine_bwd_kernel(
-    grad_out_ptr,  # (tokens, dim)
-    rows_ptr,  # (slots, dim)
-    weights_ptr,  # (tokens, TOP_K) float32
-    token_of_slot_ptr, assignment_of_slot_ptr,  # (slots,) int64
-    bias_ptr, expert_ptr,  # as in the forward (read with HAS_BIAS)
-    grad_rows_ptr,  # (slots, dim) in rows' dtype
-    grad_weights_ptr,  # (tokens * TOP_K,) float32; entries of assignments without a row are left alone
-    partial_ptr,  # (n_slot_blocks + num_experts, dim) float32 bias-gradient partial sums (written with HAS_BIAS)
-    slots, dim, assignments, capacity,
-    HAS_BIAS: tl.constexpr, PADDED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """One program per block of slots, walking the features: grad_rows[s] = w[a] * grad_out[t] (0 for a row nobody
-    owns) and grad_w[a] = <row s (+ its expert's bias), grad_out[t]>, for the assignment a = t * TOP_K + j that owns
-    row s. Each assignment owns at most one row, so every write has one writer: no atomics, deterministic. With
-    HAS_BIAS the bias gradient (the sum of grad_rows over each expert's rows) leaves as per-(block, expert) column
-    sums at partial row block + expert, as in _bias_act_bwd_kernel (rows are sorted by expert in both layouts)."""
-    pid = tl.program_id(0)
-    offs_s = pid * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask_s = offs_s < slots
-    rows_ty = rows_ptr.dtype.element_ty
-    assignment = tl.load(assignment_of_slot_ptr + offs_s, mask=mask_s, other=assignments)
-    owned = mask_s & (assignment < assignments)
-    token = tl.load(token_of_slot_ptr + offs_s, mask=mask_s, other=0)
-    weight = tl.load(weights_ptr + assignment, mask=owned, other=0.0).to(rows_ty).to(tl.float32)
-    if HAS_BIAS:
-        expert = _row_expert(offs_s, mask_s, expert_ptr, capacity, PADDED)
-        last_slot = tl.minimum(pid * BLOCK_S + BLOCK_S, slots) - 1
-        if PADDED:
-            first = (pid * BLOCK_S) // capacity
-            last = last_slot // capacity
-        else:
-            first = tl.load(expert_ptr + pid * BLOCK_S)
-            last = tl.load(expert_ptr + last_slot)
-    dot = tl.zeros((BLOCK_S,), dtype=tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < dim
-        mask = mask_s[:, None] & mask_d[None, :]
-        grad = tl.load(grad_out_ptr + token[:, None] * dim + offs_d[None, :], mask=mask, other=0.0)
-        grad = grad.to(rows_ty).to(tl.float32)
-        row = tl.load(rows_ptr + offs_s.to(tl.int64)[:, None] * dim + offs_d[None, :], mask=mask,
-                      other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            row += tl.load(bias_ptr + expert[:, None] * dim + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-            row = row.to(rows_ty).to(tl.float32)
-        dot += tl.sum(row * grad, axis=1)
-        grad_rows = (grad * weight[:, None]).to(grad_rows_ptr.dtype.element_ty)
-        tl.store(grad_rows_ptr + offs_s.to(tl.int64)[:, None] * dim + offs_d[None, :], grad_rows, mask=mask)
-        if HAS_BIAS:
-            for e in range(first, last + 1):
-                column = tl.sum(tl.where((expert == e)[:, None], grad_rows.to(tl.float32), 0.0), axis=0)
-                tl.store(partial_ptr + (pid + e) * dim + offs_d, column, mask=mask_d)
-    tl.store(grad_weights_ptr + assignment, dot, mask=owned)
-
-
-def _combine_blocks(interpreting: bool) -> tuple[int, int, int]:
-    if interpreting:
-        return COMBINE_BLOCK_T_INTERPRET, COMBINE_BLOCK_D_INTERPRET, 1
-    return COMBINE_BLOCK_T_CUDA, COMBINE_BLOCK_D_CUDA, COMBINE_WARPS_CUDA
-
-
-def _moe_combine(rows: Tensor, weights: Tensor, slot_of: Tensor, token_of_slot: Tensor,
-                 assignment_of_slot: Tensor, every_assignment_owns_a_row: bool, bias: Optional[Tensor],
-                 expert_of_slot: Optional[Tensor], group_ends: Optional[Tensor], capacity: int) -> Tensor:
-    """(slots, dim) rows, (tokens, top_k) weights -> (tokens, dim) in rows' dtype (``combine_tokens``), with the
-    experts' (num_experts, dim) output ``bias`` added to each row first when given: a row's expert is
-    ``expert_of_slot`` (grouped layout, ``capacity`` 0) or row // ``capacity`` (padded layout)."""
-    interpreting = _interpreting()
-    check_triton_runtime("combine_tokens", rows.device, interpreting)
-    rows_k, bias_k = (for_kernel(t.contiguous() if t is not None else None, interpreting) for t in (rows, bias))
-    weights, slot_of = weights.contiguous(), slot_of.contiguous()
-    tokens, top_k = slot_of.shape
-    dim = rows.shape[-1]
-    out = torch.empty(tokens, dim, device=rows.device, dtype=rows_k.dtype)
-    if out.numel() > 0:
-        block_t, block_d, warps = _combine_blocks(interpreting)
-        grid = (triton.cdiv(tokens, block_t), triton.cdiv(dim, block_d))
-        _combine_fwd_kernel[grid](rows_k, weights, slot_of, bias_k if bias is not None else rows_k,
-                                  expert_of_slot if expert_of_slot is not None else slot_of, out, tokens, dim,
-                                  max(capacity, 1), TOP_K=top_k, HAS_BIAS=bias is not None, PADDED=capacity > 0,
-                                  BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
-    return out if out.dtype == rows.dtype else out.to(rows.dtype)
-
-
-moe_combine_op = torch.library.custom_op("mamba_r1::moe_combine", mutates_args=())(_moe_combine)
-
-
-@moe_combine_op.register_fake
-def _(rows, weights, slot_of, token_of_slot, assignment_of_slot, every_assignment_owns_a_row, bias, expert_of_slot,
-      group_ends, capacity):
-    return rows.new_empty(slot_of.shape[0], rows.shape[-1])
-
-
-def _moe_combine_bwd(grad_out: Tensor, rows: Tensor, weights: Tensor, token_of_slot: Tensor,
-                     assignment_of_slot: Tensor, every_assignment_owns_a_row: bool, bias: Optional[Tensor],
-                     expert_of_slot: Optional[Tensor], group_ends: Optional[Tensor],
-                     capacity: int) -> tuple[Tensor, Tensor, Tensor]:
-    """-> grad_rows (slots, dim) in rows' dtype, grad_weights (tokens, top_k) float32 (0 where no row is owned),
-    grad_bias like bias (an empty tensor without one)."""
-    interpreting = _interpreting()
-    check_triton_runtime("combine_tokens", rows.device, interpreting)
-    grad_k, rows_k, bias_k = (for_kernel(t.contiguous() if t is not None else None, interpreting)
-                              for t in (grad_out, rows, bias))
-    weights, token_of_slot, assignment_of_slot = (t.contiguous() for t in (weights, token_of_slot,
-                                                                          assignment_of_slot))
-    slots, dim = rows.shape
-    block_s, block_d, warps = _combine_blocks(interpreting)
-    n_blocks = triton.cdiv(slots, block_s)
-    grad_rows = torch.empty(slots, dim, device=rows.device, dtype=rows_k.dtype)
-    # A dropped assignment of the padded layout has no row, hence no writer: start from zeros there.
-    new = torch.empty_like if every_assignment_owns_a_row else torch.zeros_like
-    grad_weights = new(weights, dtype=torch.float32)
-    has_bias = bias is not None
-    num_experts = bias.shape[0] if has_bias else 0
-    partial = torch.empty(n_blocks + num_experts if has_bias else 0, dim, device=rows.device, dtype=torch.float32)
-    grad_bias = torch.empty(bias.shape if has_bias else (0,), device=rows.device, dtype=torch.float32)
-    if grad_rows.numel() > 0:
-        _combine_bwd_kernel[(n_blocks,)](
-            grad_k, rows_k, weights, token_of_slot, assignment_of_slot, bias_k if has_bias else rows_k,
-            expert_of_slot if expert_of_slot is not None else token_of_slot, grad_rows, grad_weights,
-            partial if has_bias else grad_weights, slots, dim, weights.numel(), max(capacity, 1),
-            HAS_BIAS=has_bias, PADDED=capacity > 0, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
-        )
-    if has_bias and grad_rows.numel() == 0:
-        grad_bias = torch.zeros_like(bias)
-    elif has_bias:
-        bias_block_w = min(block_d, triton.next_power_of_2(max(dim, 1)))
-        _bias_grad_kernel[(num_experts, triton.cdiv(dim, bias_block_w))](
-            partial, group_ends if group_ends is not None else token_of_slot, grad_bias, dim, max(capacity, 1),
-            PADDED=capacity > 0, BLOCK_R=block_s, BLOCK_W=bias_block_w, PARTS=_bias_grad_parts(interpreting),
-            num_warps=warps)
-        grad_bias = grad_bias.to(bias.dtype)
-    return (grad_rows if grad_rows.dtype == rows.dtype else grad_rows.to(rows.dtype)), grad_weights, grad_bias
-
-
-moe_combine_bwd_op = torch.library.custom_op("mamba_r1::moe_combine_bwd", mutates_args=())(_moe_combine_bwd)
-
-
-@moe_combine_bwd_op.register_fake
-def _(grad_out, rows, weights, token_of_slot, assignment_of_slot, every_assignment_owns_a_row, bias, expert_of_slot,
-      group_ends, capacity):
-    grad_bias = torch.empty_like(bias) if bias is not None else rows.new_empty(0, dtype=torch.float32)
-    return torch.empty_like(rows), torch.empty_like(weights, dtype=torch.float32), grad_bias
-
-
-def _combine_setup_context(ctx, inputs, output):
-    rows, weights, slot_of, token_of_slot, assignment_of_slot, owned, bias, expert_of_slot, group_ends, capacity = \
-        inputs
-    ctx.save_for_backward(rows, weights, token_of_slot, assignment_of_slot, bias, expert_of_slot, group_ends)
-    ctx.owned, ctx.capacity = owned, capacity
-
-
-def _combine_backward(ctx, grad_out):
-    rows, weights, token_of_slot, assignment_of_slot, bias, expert_of_slot, group_ends = ctx.saved_tensors
-    grad_rows, grad_weights, grad_bias = _backward_op(ctx, moe_combine_bwd_op, _moe_combine_bwd)(
-        grad_out, rows, weights, token_of_slot, assignment_of_slot, ctx.owned, bias, expert_of_slot, group_ends,
-        ctx.capacity)
-    return (grad_rows, grad_weights.to(weights.dtype), None, None, None, None,
-            grad_bias if bias is not None else None, None, None, None)
-
-
-moe_combine_op.register_autograd(_combine_backward, setup_context=_combine_setup_context)
-_CombineEager = _eager_function("_CombineEager", _moe_combine, _combine_setup_context, _combine_backward)
-
-
-def _row_experts(plan: DispatchPlan, slots: int, device) -> torch.Tensor:
-    """(slots,) int64 expert of each buffer row: the grouped plan's expert_of_slot, row // capacity when padded."""
-    if plan.expert_of_slot is not None:
-        return plan.expert_of_slot
-    return torch.arange(slots, device=device) // max(plan.capacity, 1)
-
-
-def combine(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, backend: str = "auto",
-            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``combine_tokens`` (moe_dispatch.py, the torch path and the specification) as one kernel forward and one
-    backward: (slots, dim) expert outputs, (tokens, top_k) float32 weights -> (tokens, dim). ``bias``
-    (num_experts, dim), the experts' output bias, is added to each row first (rounded to rows' dtype, as a bias
-    kernel would store it): SwitchMoE adds its experts' second bias here instead of in a pass of its own. ``backend``:
-    "torch", "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "auto" (triton on CUDA tensors, torch otherwise)."""
-    name = resolve_backend("combine_tokens", backend, rows.device)
-    if bias is not None and (bias.dim() != 2 or bias.shape[1] != rows.shape[-1]):
-        raise ValueError(f"combine: bias must be (num_experts, dim) with dim = rows.shape[-1] = {rows.shape[-1]}; "
-                         f"got shape {tuple(bias.shape)}")
-    if name == "torch" or triton is None or weights.dtype != torch.float32:
-        if bias is not None:
-            rows = rows + bias[_row_experts(plan, rows.shape[0], rows.device)].to(rows.dtype)
-        return combine_tokens(rows, weights, plan)
-    # The torch plans may hand over transposed (tokens, top_k) tensors; the kernels read them contiguous.
-    grouped = plan.capacity is None
-    expert_of_slot = plan.expert_of_slot if bias is not None and grouped else None
-    group_ends = plan.group_ends if bias is not None and grouped else None
-    return _run(moe_combine_op, _CombineEager, rows, weights.contiguous(), plan.slot_of.contiguous(),
-                plan.token_of_slot, plan.assignment_of_slot, plan.owns_slot is None, bias, expert_of_slot,
-                group_ends, 0 if grouped else plan.capacity)
-
-
-# ---------------------------------------------------------------------------------------------- bias + activation
-
-# Activations the fused bias kernels compute ("none": a plain bias add); swiglu takes the torch path.
-BIAS_ACTIVATIONS = ("gelu", "silu", "none")
-# Tiles on GPU (rows, features, warps), forward and backward alike: the best of a sweep of 32-128 rows x 64-256
-# features x 4 or 8 warps at SwitchMoE's TARGETS.md shape (benchmarks/tune_moe_kernels.py, H200, 2026-11-30). With
-# libdevice's erf the GELU kernels were compute-bound (~2.5 TB/s) and the old 64 x 128 x 4 tile took 121.5 µs forward
-# and 254.5 backward on 16384 x 4096; with _gauss_cdf's erf and this tile 83.6 and 140.5 (3.2 and 2.9 TB/s).
-BIAS_BLOCKS_CUDA = (32, 128, 4)
-BIAS_BLOCK_R_INTERPRET, BIAS_BLOCK_W_INTERPRET = 4, 8
-_ACT_CODE = {"none": 0, "gelu": 1, "silu": 2}
-
-
-@_jit
-def _gauss_cdf(x):
-    """Phi(x), the standard normal CDF = (1 + erf(x / sqrt 2)) / 2, and exp(-x^2 / 2), in float32. erf by
-    Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7, below float32's rounding of x Phi(x) for |x| >~ 1; and
-    exactly what GELU's derivative needs: its exponential is the normal density's). libdevice's erf costs ~30
-    instructions per element, enough to make the GELU kernels compute-bound at ~2.5 TB/s on an H200; this costs ~12
-    (one reciprocal, one exp2)."""
-    # t = 1 / (1 + p z) with z = |x| / sqrt 2; the polynomial's coefficients a_i / 2, so that it gives Phi(-|x|).
-    t = tl.math.fdiv(tl.full(x.shape, 1.0, tl.float32), 1.0 + 0.23164189825822543 * tl.abs(x), ieee_rounding=False)
-    poly = t * (0.127414796 + t * (-0.142248368 + t * (0.7107068705 + t * (-0.7265760135 + t * 0.5307027145))))
-    e = tl.exp2(x * (x * -0.7213475204444817))  # exp(-x^2 / 2) = exp(-z^2)
-    tail = poly * e  # Phi(-|x|), with no cancellation in the tail
-    return tl.where(x >= 0.0, 1.0 - tail, tail), e
-
-
-@_jit
-def _act_fwd(x, ACT: tl.constexpr):
-    """ACT 1: GELU, nn.GELU's default (erf) form, to float32 accuracy (_gauss_cdf); 2: SiLU; 0: the identity."""
-    y = x
-    if ACT == 1:
-        cdf, _ = _gauss_cdf(x)
-        y = x * cdf
-    if ACT == 2:
-        y = x * tl.sigmoid(x)
-    return y
-
-
-@_jit
-def _act_grad(x, ACT: tl.constexpr):
-    """d act / dx for ACT 1 (GELU: Phi(x) + x phi(x)) or 2 (SiLU)."""
-    if ACT == 1:
-        cdf, e = _gauss_cdf(x)
-        dy = cdf + x * e * 0.3989422804014327
-    else:
-        sig = tl.sigmoid(x)
-        dy = sig * (1.0 + x * (1.0 - sig))
-    return dy
-
-
-@_jit
-def _bias_act_fwd_kernel(
-    h_ptr,  # (rows, width) contiguous, matmul output
-    bias_ptr,  # (num_experts, width)
-    expert_ptr,  # (rows,) int64 expert of each row (grouped layout; not read with PADDED)
-    out_ptr,  # (rows, width) in h's dtype
-    n_rows, width, capacity,  # capacity: rows per expert of the padded layout
-    ACT: tl.constexpr, PADDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
-):
-    """One program per (block of rows, block of features): out = act(h + bias[expert of the row]), in float32."""
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask_r = offs_r < n_rows
-    mask = mask_r[:, None] & (offs_w < width)[None, :]
-    if PADDED:
-        expert = offs_r // capacity
-    else:
-        expert = tl.load(expert_ptr + offs_r, mask=mask_r, other=0)
-    tile = offs_r.to(tl.int64)[:, None] * width + offs_w[None, :]
-    pre = tl.load(h_ptr + tile, mask=mask, other=0.0).to(tl.float32) \
-        + tl.load(bias_ptr + expert[:, None] * width + offs_w[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + tile, _act_fwd(pre, ACT).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@_jit
-def _bias_act_bwd_kernel(
-    grad_ptr,  # (rows, width) gradient of the output
-    h_ptr, bias_ptr, expert_ptr,  # the forward's inputs
-    grad_h_ptr,  # (rows, width) in h's dtype (not written for ACT == 0: it is grad itself)
-    partial_ptr,  # (n_row_blocks + num_experts, width) float32: bias-gradient partial sums
-    n_rows, width, capacity,  # capacity: rows per expert of the padded layout
-    ACT: tl.constexpr, PADDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
-):
-    """One program per (block of rows, block of features): grad_h = grad * act'(h + bias[e]); and, for each expert
-    e with rows in this block (rows are sorted by expert), the block's column sums of grad_h over e's rows, stored
-    at partial row (block + e). Along the sorted rows (block, expert) pairs form a staircase, so block + e is
-    unique to each pair: every partial has one writer, and the sum over blocks is done in a fixed order."""
-    pid_r = tl.program_id(0)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask_r = offs_r < n_rows
-    mask_w = offs_w < width
-    mask = mask_r[:, None] & mask_w[None, :]
-    if PADDED:
-        expert = tl.where(mask_r, offs_r // capacity, -1)
-    else:
-        expert = tl.load(expert_ptr + offs_r, mask=mask_r, other=-1)
-    tile = offs_r.to(tl.int64)[:, None] * width + offs_w[None, :]
-    grad = tl.load(grad_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-    if ACT != 0:
-        pre = tl.load(h_ptr + tile, mask=mask, other=0.0).to(tl.float32) \
-            + tl.load(bias_ptr + expert[:, None] * width + offs_w[None, :], mask=mask, other=0.0).to(tl.float32)
-        grad = grad * _act_grad(pre, ACT)
-        tl.store(grad_h_ptr + tile, grad.to(grad_h_ptr.dtype.element_ty), mask=mask)
-    if PADDED:
-        first = (pid_r * BLOCK_R) // capacity
-        last = (tl.minimum(pid_r * BLOCK_R + BLOCK_R, n_rows) - 1) // capacity
-    else:
-        first = tl.load(expert_ptr + pid_r * BLOCK_R)
-        last = tl.load(expert_ptr + tl.minimum(pid_r * BLOCK_R + BLOCK_R, n_rows) - 1)
-    for e in range(first, last + 1):
-        column = tl.sum(tl.where((expert == e)[:, None], grad, 0.0), axis=0)
-        tl.store(partial_ptr + (pid_r + e) * width + offs_w, column, mask=mask_w)
-
-
-@_jit
-def _bias_grad_kernel(
-    partial_ptr,  # (n_row_blocks + num_experts, width) float32
-    group_ends_ptr,  # (num_experts,) int32 end row of each expert (grouped layout; not read with PADDED)
-    grad_bias_ptr,  # (num_experts, width) in the bias's dtype
-    width, capacity,  # capacity: rows per expert of the padded layout
-    PADDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, PARTS: tl.constexpr,
-):
-    """One program per (expert, block of features): the sum of the partials of the row blocks the expert's rows
-    span, PARTS partials per step (a fixed order: deterministic); 0 for an expert without rows. One partial per
-    step left each program waiting on one load at a time (10.7 µs for the 16384 x 4096 layer's bias on an H200)."""
-    e = tl.program_id(0)
-    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask_w = offs_w < width
-    if PADDED:
-        start = e * capacity
-        end = start + capacity
-    else:
-        end = tl.load(group_ends_ptr + e)
-        start = tl.load(group_ends_ptr + e - 1, mask=e > 0, other=0)
-    acc = tl.zeros((BLOCK_W,), dtype=tl.float32)
-    stop = tl.where(end > start, (end - 1) // BLOCK_R + 1, start // BLOCK_R)  # no rows: no partial to read
-    for b0 in range(start // BLOCK_R, stop, PARTS):
-        offs_b = b0 + tl.arange(0, PARTS)
-        parts = tl.load(partial_ptr + (offs_b + e)[:, None] * width + offs_w[None, :],
-                        mask=(offs_b < stop)[:, None] & mask_w[None, :], other=0.0)
-        acc += tl.sum(parts, axis=0)
-    tl.store(grad_bias_ptr + e * width + offs_w, acc.to(grad_bias_ptr.dtype.element_ty), mask=mask_w)
-
-
-def _bias_grad_parts(interpreting: bool) -> int:
-    """Partials _bias_grad_kernel sums per step: 16 on GPU; 2 under the interpreter, so that the tests' small
-    experts span several steps."""
-    return 2 if interpreting else 16
-
-
-def _bias_blocks(interpreting: bool) -> tuple[int, int, int]:
-    """(rows, features, num_warps) of the bias kernels' tiles."""
-    if interpreting:
-        return BIAS_BLOCK_R_INTERPRET, BIAS_BLOCK_W_INTERPRET, 1
-    return BIAS_BLOCKS_CUDA
-
-
-def _moe_bias_act(h: Tensor, bias: Tensor, expert_of_slot: Tensor, group_ends: Tensor, activation: str,
-                  capacity: int) -> Tensor:
-    """(rows, width) h, (num_experts, width) bias -> act(h + bias[expert_of_slot]) (rows, width) in h's dtype.
-    ``capacity`` > 0: the padded layout, row r belongs to expert r // capacity (expert_of_slot, group_ends unread)."""
-    interpreting = _interpreting()
-    check_triton_runtime("bias_act", h.device, interpreting)
-    h_k, bias_k = (for_kernel(t.contiguous(), interpreting) for t in (h, bias))
-    n_rows, width = h.shape
-    out = torch.empty(n_rows, width, device=h.device, dtype=h_k.dtype)
-    if out.numel() > 0:
-        block_r, block_w, warps = _bias_blocks(interpreting)
-        grid = (triton.cdiv(n_rows, block_r), triton.cdiv(width, block_w))
-        _bias_act_fwd_kernel[grid](h_k, bias_k, expert_of_slot.contiguous(), out, n_rows, width, max(capacity, 1),
-                                   ACT=_ACT_CODE[activation], PADDED=capacity > 0, BLOCK_R=block_r, BLOCK_W=block_w,
-                                   num_warps=warps)
-    return out if out.dtype == h.dtype else out.to(h.dtype)
-
-
-moe_bias_act_op = torch.library.custom_op("mamba_r1::moe_bias_act", mutates_args=())(_moe_bias_act)
-
-
-@moe_bias_act_op.register_fake
-def _(h, bias, expert_of_slot, group_ends, activation, capacity):
-    return torch.empty_like(h, memory_format=torch.contiguous_format)
-
-
-def _moe_bias_act_bwd(grad: Tensor, h: Tensor, bias: Tensor, expert_of_slot: Tensor, group_ends: Tensor,
-                      activation: str, capacity: int) -> tuple[Tensor, Tensor]:
-    """-> grad_h (rows, width) in h's dtype (empty for activation "none": grad_h is grad), grad_bias like bias."""
-    interpreting = _interpreting()
-    check_triton_runtime("bias_act", h.device, interpreting)
-    grad_k, h_k, bias_k = (for_kernel(t.contiguous(), interpreting) for t in (grad, h, bias))
-    n_rows, width = h.shape
-    num_experts = bias.shape[0]
-    block_r, block_w, warps = _bias_blocks(interpreting)
-    n_blocks = triton.cdiv(n_rows, block_r)
-    act = _ACT_CODE[activation]
-    grad_h = torch.empty(n_rows if act else 0, width, device=h.device, dtype=h_k.dtype)
-    partial = torch.empty(n_blocks + num_experts, width, device=h.device, dtype=torch.float32)
-    grad_bias = torch.empty(bias.shape, device=h.device, dtype=bias_k.dtype)
-    if n_rows > 0:
-        _bias_act_bwd_kernel[(n_blocks, triton.cdiv(width, block_w))](
-            grad_k, h_k, bias_k, expert_of_slot.contiguous(), grad_h if act else grad_k, partial, n_rows, width,
-            max(capacity, 1), ACT=act, PADDED=capacity > 0, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
-    _bias_grad_kernel[(num_experts, triton.cdiv(width, block_w))](
-        partial, group_ends, grad_bias, width, max(capacity, 1), PADDED=capacity > 0, BLOCK_R=block_r,
-        BLOCK_W=block_w, PARTS=_bias_grad_parts(interpreting), num_warps=warps)
-    return grad_h.to(h.dtype), grad_bias.to(bias.dtype)
-
-
-moe_bias_act_bwd_op = torch.library.custom_op("mamba_r1::moe_bias_act_bwd", mutates_args=())(_moe_bias_act_bwd)
-
-
-@moe_bias_act_bwd_op.register_fake
-def _(grad, h, bias, expert_of_slot, group_ends, activation, capacity):
-    rows = h.shape[0] if activation != "none" else 0
-    return h.new_empty(rows, h.shape[1]), torch.empty_like(bias)
-
-
-def _bias_act_setup_context(ctx, inputs, output):
-    h, bias, expert_of_slot, group_ends, activation, capacity = inputs
-    # A plain bias add's backward never reads h: do not keep it alive.
-    ctx.save_for_backward(h if activation != "none" else None, bias, expert_of_slot, group_ends)
-    ctx.activation, ctx.capacity = activation, capacity
-
-
-def _bias_act_backward(ctx, grad):
-    h, bias, expert_of_slot, group_ends = ctx.saved_tensors
-    if h is None:
-        h = grad  # only its shape is used
-    grad_h, grad_bias = _backward_op(ctx, moe_bias_act_bwd_op, _moe_bias_act_bwd)(
-        grad, h, bias, expert_of_slot, group_ends, ctx.activation, ctx.capacity)
-    return (grad if ctx.activation == "none" else grad_h), grad_bias, None, None, None, None
-
-
-moe_bias_act_op.register_autograd(_bias_act_backward, setup_context=_bias_act_setup_context)
-_BiasActEager = _eager_function("_BiasActEager", _moe_bias_act, _bias_act_setup_context, _bias_act_backward)
-
-
-def bias_act(h: torch.Tensor, bias: torch.Tensor, plan: DispatchPlan, activation: str) -> torch.Tensor:
-    """act(h + bias[expert of each row]) over the buffer's rows, activation one of BIAS_ACTIVATIONS, as one kernel
-    forward and two backward (the bias gradient is a deterministic per-expert segment sum). A row's expert is
-    ``plan.expert_of_slot`` in the grouped layout, row // ``plan.capacity`` in the padded one. The torch composition
-    it replaces: ``ffn_activation(h + bias[expert of each row])``."""
-    if plan.capacity is not None:
-        # The padded layout needs no index tensors: the bias stands in for the two unread ones.
-        return _run(moe_bias_act_op, _BiasActEager, h, bias, bias, bias, activation, plan.capacity)
-    return _run(moe_bias_act_op, _BiasActEager, h, bias, plan.expert_of_slot, plan.group_ends, activation, 0)
-
-
-def _ffn_matmul(x: Tensor, w: Tensor, plan: DispatchPlan) -> Tensor:
-    """(slots, in) buffer rows @ each row's expert's (in, out) weight -> (slots, out): torch._grouped_mm over the
-    grouped plan's segments, or a bmm over the padded plan's (num_experts, capacity) blocks."""
-    if plan.group_ends is not None:
-        return torch._grouped_mm(x, w, offs=plan.group_ends)
-    num_experts = w.shape[0]
-    return torch.bmm(x.view(num_experts, plan.capacity, x.shape[-1]), w).view(-1, w.shape[-1])
-
-
-def _ffn_matmul_backward(x: Tensor, w: Tensor, grad: Tensor, plan: DispatchPlan, need_x: bool, need_w: bool):
-    """Gradients of _ffn_matmul for x (slots, in) and w (num_experts, in, out) from grad (slots, out), as
-    _GroupedMatmul's backward and autograd's bmm backward compute them."""
-    grad_x = grad_w = None
-    if plan.group_ends is not None:
-        if need_x:
-            grad_x = torch._grouped_mm(grad, w.transpose(-2, -1), offs=plan.group_ends)
-        if need_w:
-            grad_w = torch._grouped_mm(x.t(), grad, offs=plan.group_ends)
-        return grad_x, grad_w
-    num_experts, capacity = w.shape[0], plan.capacity
-    grad_3d = grad.view(num_experts, capacity, grad.shape[-1])
-    if need_x:
-        grad_x = torch.bmm(grad_3d, w.transpose(1, 2)).view(-1, w.shape[1])
-    if need_w:
-        grad_w = torch.bmm(x.view(num_experts, capacity, x.shape[-1]).transpose(1, 2), grad_3d)
-    return grad_x, grad_w
-
-
-def _bias_layout(plan: DispatchPlan, bias: Tensor) -> tuple[Tensor, Tensor, int]:
-    """(expert_of_slot, group_ends, capacity) as the bias kernels take them: the index tensors for the grouped
-    layout (capacity 0); for the padded one its capacity, with the bias standing in for the unread index tensors."""
-    if plan.group_ends is not None:
-        return plan.expert_of_slot, plan.group_ends, 0
-    return bias, bias, plan.capacity
-
-
-class _ExpertFFNEager(torch.autograd.Function):
-    """act(rows @ w1 + b1) @ w2 over the buffer (no output bias) as one autograd node: the same kernels, in the same
-    order, as the composition grouped_matmul / bmm -> bias_act -> grouped_matmul / bmm, and the same saved
-    tensors, but one node in the backward instead of three. Each node costs the autograd engine's device thread host
-    time (2-4.6x its body on the lent H200's host, benchmarks/moe_breakdown.py) and the eager layer is host-bound."""
-
-    @staticmethod
-    def forward(ctx, rows, w1, b1, w2, plan, activation):
-        expert_of_slot, group_ends, capacity = _bias_layout(plan, b1)
-        h = _ffn_matmul(rows, w1, plan)  # (slots, expert_dim) before the bias
-        hidden = _moe_bias_act(h, b1, expert_of_slot, group_ends, activation, capacity)  # (slots, expert_dim)
-        ctx.save_for_backward(rows, w1, h if activation != "none" else None, b1, hidden, w2)
-        ctx.plan, ctx.activation = plan, activation
-        return _ffn_matmul(hidden, w2, plan)  # (slots, dim)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        rows, w1, h, b1, hidden, w2 = ctx.saved_tensors
-        plan, activation = ctx.plan, ctx.activation
-        need_rows, need_w1, need_b1, need_w2 = ctx.needs_input_grad[:4]
-        need_hidden = need_rows or need_w1 or need_b1
-        grad_hidden, grad_w2 = _ffn_matmul_backward(hidden, w2, grad_y.contiguous(), plan, need_hidden, need_w2)
-        grad_rows = grad_w1 = grad_b1 = None
-        if need_hidden:
-            expert_of_slot, group_ends, capacity = _bias_layout(plan, b1)
-            grad_h, grad_b1 = _moe_bias_act_bwd(grad_hidden, h if h is not None else grad_hidden, b1, expert_of_slot,
-                                                group_ends, activation, capacity)
-            if activation == "none":
-                grad_h = grad_hidden
-            grad_rows, grad_w1 = _ffn_matmul_backward(rows, w1, grad_h, plan, need_rows, need_w1)
-        return grad_rows, grad_w1, grad_b1 if need_b1 else None, grad_w2, None, None
-
-
-def _expert_ffn_composed(rows, plan: DispatchPlan, w1, b1, w2, activation: str):
-    """_ExpertFFNEager as a composition of three differentiable ops (what torch.compile traces)."""
-    if plan.group_ends is not None:
-        h = bias_act(grouped_matmul(rows, w1, plan.group_ends), b1, plan, activation)  # (slots, expert_dim)
-        return grouped_matmul(h, w2, plan.group_ends)  # (slots, dim)
-    num_experts, capacity = w1.shape[0], plan.capacity
-    h = torch.bmm(rows.view(num_experts, capacity, rows.shape[-1]), w1)  # (num_experts, capacity, expert_dim)
-    h = bias_act(h.view(-1, h.shape[-1]), b1, plan, activation)  # (slots, expert_dim)
-    return torch.bmm(h.view(num_experts, capacity, h.shape[-1]), w2).view(-1, w2.shape[-1])  # (slots, dim)
-
-
-def expert_ffn_fused(rows, plan: DispatchPlan, w1, b1, w2, b2, activation: str, backend: str = "auto"):
-    """``expert_ffn`` with the bias adds and activation fused into kernels (CUDA, or CPU under TRITON_INTERPRET=1
-    with backend="triton"), for both layouts; every other case (swiglu, no first bias) is ``expert_ffn`` itself.
-    ``b2`` None leaves the output bias out (SwitchMoE adds it in ``combine``). Eagerly the two matmuls and the
-    bias + activation are one autograd node (_ExpertFFNEager); under torch.compile three ops. In the padded layout
-    this replaces baddbmm, whose broadcast bias cuBLAS first copies into the whole output."""
-    name = resolve_backend("expert_ffn", backend, rows.device)
-    if name == "torch" or triton is None or activation not in BIAS_ACTIVATIONS or b1 is None:
-        return expert_ffn(rows, plan, w1, b1, w2, b2, activation)
-    if torch.compiler.is_compiling():
-        y = _expert_ffn_composed(rows, plan, w1, b1, w2, activation)
-    else:
-        y = _ExpertFFNEager.apply(rows, w1, b1, w2, plan, activation)
-    return bias_act(y, b2, plan, "none") if b2 is not None else y  # (slots, dim)
-
-
-__all__ = ["BIAS_ACTIVATIONS", "LAYOUTS", "RoutedTokens", "RouterLosses", "bias_act", "combine", "expert_ffn_fused",
-           "moe_bias_act_bwd_op", "moe_bias_act_op", "moe_combine_bwd_op", "moe_combine_op", "moe_route_bwd_op",
-           "moe_route_op", "resolve_routing_backend", "route_and_permute", "route_and_plan", "route_and_plan_ref",
-           "router_losses_ref"]
+__all__ = ["LAYOUTS", "RoutedTokens", "RouterLosses", "moe_route_bwd_op", "moe_route_op", "resolve_routing_backend",
+           "route_and_permute", "route_and_plan", "route_and_plan_ref", "router_losses_ref"]
