@@ -35,12 +35,13 @@ from torch import Tensor
 from mamba_r1.ops.selective_scan import _check_float, _check_shape
 from mamba_r1.ops.triton_runtime import (
     built_for_interpreter,
+    cdiv,
     check_triton_runtime,
     for_kernel,
     needs_autograd,
+    next_power_of_2,
     resolve_backend,
     tl,
-    triton,
 )
 from mamba_r1.ops.triton_runtime import jit as _jit
 
@@ -165,7 +166,7 @@ def _causal_conv1d_update_triton(
     state_arg = state_k if width > 1 else x_k
     bias_arg = bias_k if bias_k is not None else x_k
     block_d = BLOCK_D_INTERPRET if interpreting else BLOCK_D_CUDA
-    grid = (triton.cdiv(dim, block_d), batch)
+    grid = (cdiv(dim, block_d), batch)
     _causal_conv1d_update_kernel[grid](
         x_k, state_arg, weight_k, bias_arg,
         out,
@@ -504,7 +505,7 @@ def _causal_conv1d_fwd_triton(x, weight, bias, initial_state, silu: bool) -> Ten
     init_arg = init_k if init_k is not None and width > 1 else x_k
     init_strides = init_arg.stride() if init_arg is not x_k else (0, 0, 0)
     block_d, block_l, num_warps = _seq_blocks("fwd", interpreting)
-    grid = (triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d), batch)
+    grid = (cdiv(seqlen, block_l), cdiv(dim, block_d), batch)
     _causal_conv1d_fwd_kernel[grid](
         x_k, weight_k, bias_k if bias_k is not None else x_k, init_arg,
         out,
@@ -531,7 +532,7 @@ def _causal_conv1d_bwd_triton(dout, x, weight, bias, initial_state, silu: bool):
     width = weight.shape[1]
     has_init = initial_state is not None and width > 1
     block_d, block_l, num_warps = _seq_blocks("bwd_dpre", interpreting)
-    n_blocks_l = triton.cdiv(seqlen, block_l)
+    n_blocks_l = cdiv(seqlen, block_l)
     dpre_dtype = torch.float32 if BWD_DPRE_FLOAT32 else x_k.dtype
     dpre = torch.empty(batch, dim, seqlen, device=x.device, dtype=dpre_dtype)  # (batch, dim, seqlen)
     dx = torch.empty(batch, dim, seqlen, device=x.device, dtype=x_k.dtype)  # (batch, dim, seqlen)
@@ -543,7 +544,7 @@ def _causal_conv1d_bwd_triton(dout, x, weight, bias, initial_state, silu: bool):
     if x.numel() > 0:
         init_arg = init_k if has_init else x_k
         init_strides = init_arg.stride() if has_init else (0, 0, 0)
-        _causal_conv1d_bwd_dpre_kernel[(n_blocks_l, triton.cdiv(dim, block_d), batch)](
+        _causal_conv1d_bwd_dpre_kernel[(n_blocks_l, cdiv(dim, block_d), batch)](
             dout_k, x_k, weight_k, bias_k if bias_k is not None else x_k, init_arg,
             dpre, dweight_part, dbias_part,
             dim, seqlen, n_blocks_l,
@@ -552,16 +553,16 @@ def _causal_conv1d_bwd_triton(dout, x, weight, bias, initial_state, silu: bool):
             weight_k.stride(0), weight_k.stride(1),
             *init_strides,
             HAS_BIAS=bias is not None, HAS_INITIAL_STATE=has_init, SILU=silu, WIDTH=width,
-            BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_W=triton.next_power_of_2(width),
+            BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_W=next_power_of_2(width),
             num_warps=num_warps,
         )
         block_d, block_l, num_warps = _seq_blocks("bwd_dx", interpreting)
-        _causal_conv1d_bwd_dx_kernel[(triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d), batch)](
+        _causal_conv1d_bwd_dx_kernel[(cdiv(seqlen, block_l), cdiv(dim, block_d), batch)](
             dpre, weight_k, dx, dinit if has_init else dpre,
             dim, seqlen,
             weight_k.stride(0), weight_k.stride(1),
             HAS_INITIAL_STATE=has_init, WIDTH=width,
-            BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_W=triton.next_power_of_2(max(width - 1, 1)),
+            BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_W=next_power_of_2(max(width - 1, 1)),
             num_warps=num_warps,
         )
     dbias = dbias_part.sum(0) if bias is not None else None

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from mamba_r1.ops.triton_runtime import (
     BACKENDS,
     built_for_interpreter,
+    cdiv,
     check_triton_runtime,
     for_kernel,
     needs_autograd,
     resolve_graph_backend,
     tl,
-    triton,
 )
 from mamba_r1.ops.triton_runtime import jit as _jit
 
@@ -89,7 +89,7 @@ def _small_batch_linear_triton(
     n_dim = weight.shape[0]
     out = torch.empty(rows, n_dim, device=x.device, dtype=x_k.dtype)  # (rows, N)
     block_n, block_k = (BLOCK_N_INTERPRET, BLOCK_K_INTERPRET) if interpreting else (BLOCK_N_CUDA, BLOCK_K_CUDA)
-    _small_batch_linear_kernel[(triton.cdiv(n_dim, block_n),)](
+    _small_batch_linear_kernel[(cdiv(n_dim, block_n),)](
         x_k, w_k, b_k if b_k is not None else w_k, out,
         rows, n_dim, k_dim,
         x_k.stride(0), x_k.stride(1), w_k.stride(0), w_k.stride(1), out.stride(0), out.stride(1),

@@ -19,8 +19,10 @@ from mamba_r1.ops.moe_dispatch import DispatchPlan, combine_tokens
 from mamba_r1.ops.moe_expert_ffn import reduce_bias_partials
 from mamba_r1.ops.triton_runtime import (
     built_for_interpreter,
+    cdiv,
     check_triton_runtime,
     for_kernel,
+    next_power_of_2,
     resolve_backend,
     tl,
     triton,
@@ -157,7 +159,7 @@ def _moe_combine(rows: Tensor, weights: Tensor, slot_of: Tensor, token_of_slot: 
     out = torch.empty(tokens, dim, device=rows.device, dtype=rows_k.dtype)
     if out.numel() > 0:
         block_t, block_d, warps = _combine_blocks(interpreting)
-        grid = (triton.cdiv(tokens, block_t), triton.cdiv(dim, block_d))
+        grid = (cdiv(tokens, block_t), cdiv(dim, block_d))
         _combine_fwd_kernel[grid](rows_k, weights, slot_of, bias_k if bias is not None else rows_k,
                                   expert_of_slot if expert_of_slot is not None else slot_of, out, tokens, dim,
                                   max(capacity, 1), TOP_K=top_k, HAS_BIAS=bias is not None, PADDED=capacity > 0,
@@ -188,7 +190,7 @@ def _moe_combine_bwd(grad_out: Tensor, rows: Tensor, weights: Tensor, token_of_s
                                                                           assignment_of_slot))
     slots, dim = rows.shape
     block_s, block_d, warps = _combine_blocks(interpreting)
-    n_blocks = triton.cdiv(slots, block_s)
+    n_blocks = cdiv(slots, block_s)
     grad_rows = torch.empty(slots, dim, device=rows.device, dtype=rows_k.dtype)
     # A dropped assignment of the padded layout has no row, hence no writer: start from zeros there.
     new = torch.empty_like if every_assignment_owns_a_row else torch.zeros_like
@@ -208,7 +210,7 @@ def _moe_combine_bwd(grad_out: Tensor, rows: Tensor, weights: Tensor, token_of_s
         grad_bias = torch.zeros_like(bias)
     elif has_bias:
         reduce_bias_partials(partial, group_ends, grad_bias, capacity, block_s,
-                             min(block_d, triton.next_power_of_2(max(dim, 1))), warps, interpreting)
+                             min(block_d, next_power_of_2(max(dim, 1))), warps, interpreting)
         grad_bias = grad_bias.to(bias.dtype)
     return (grad_rows if grad_rows.dtype == rows.dtype else grad_rows.to(rows.dtype)), grad_weights, grad_bias
 

@@ -15,6 +15,7 @@ from mamba_r1.ops.eager_custom_ops import backward_op, eager_function, run_op
 from mamba_r1.ops.moe_dispatch import DispatchPlan, expert_ffn, grouped_matmul
 from mamba_r1.ops.triton_runtime import (
     built_for_interpreter,
+    cdiv,
     check_triton_runtime,
     for_kernel,
     resolve_backend,
@@ -176,7 +177,7 @@ def reduce_bias_partials(partial: Tensor, group_ends: Tensor | None, out: Tensor
     rows each (padded). Used by bias + activation's backward and by combine's (the experts' output bias)."""
     num_experts, width = out.shape
     parts = 2 if interpreting else 16  # 2: the tests' small experts span several steps
-    _bias_grad_kernel[(num_experts, triton.cdiv(width, block_w))](
+    _bias_grad_kernel[(num_experts, cdiv(width, block_w))](
         partial, group_ends if group_ends is not None else partial, out, width, max(capacity, 1), PADDED=capacity > 0,
         BLOCK_R=block_r, BLOCK_W=block_w, PARTS=parts, num_warps=warps)
 
@@ -199,7 +200,7 @@ def _moe_bias_act(h: Tensor, bias: Tensor, expert_of_slot: Tensor, group_ends: T
     out = torch.empty(n_rows, width, device=h.device, dtype=h_k.dtype)
     if out.numel() > 0:
         block_r, block_w, warps = _bias_blocks(interpreting)
-        grid = (triton.cdiv(n_rows, block_r), triton.cdiv(width, block_w))
+        grid = (cdiv(n_rows, block_r), cdiv(width, block_w))
         _bias_act_fwd_kernel[grid](h_k, bias_k, expert_of_slot.contiguous(), out, n_rows, width, max(capacity, 1),
                                    ACT=_ACT_CODE[activation], PADDED=capacity > 0, BLOCK_R=block_r, BLOCK_W=block_w,
                                    num_warps=warps)
@@ -223,13 +224,13 @@ def _moe_bias_act_bwd(grad: Tensor, h: Tensor, bias: Tensor, expert_of_slot: Ten
     n_rows, width = h.shape
     num_experts = bias.shape[0]
     block_r, block_w, warps = _bias_blocks(interpreting)
-    n_blocks = triton.cdiv(n_rows, block_r)
+    n_blocks = cdiv(n_rows, block_r)
     act = _ACT_CODE[activation]
     grad_h = torch.empty(n_rows if act else 0, width, device=h.device, dtype=h_k.dtype)
     partial = torch.empty(n_blocks + num_experts, width, device=h.device, dtype=torch.float32)
     grad_bias = torch.empty(bias.shape, device=h.device, dtype=bias_k.dtype)
     if n_rows > 0:
-        _bias_act_bwd_kernel[(n_blocks, triton.cdiv(width, block_w))](
+        _bias_act_bwd_kernel[(n_blocks, cdiv(width, block_w))](
             grad_k, h_k, bias_k, expert_of_slot.contiguous(), grad_h if act else grad_k, partial, n_rows, width,
             max(capacity, 1), ACT=act, PADDED=capacity > 0, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
     reduce_bias_partials(partial, group_ends, grad_bias, capacity, block_r, block_w, warps, interpreting)

@@ -55,8 +55,10 @@ from mamba_r1.ops.moe_dispatch import (
 )
 from mamba_r1.ops.triton_runtime import (
     built_for_interpreter,
+    cdiv,
     check_triton_runtime,
     for_kernel,
+    next_power_of_2,
     resolve_backend,
     tl,
     triton,
@@ -432,7 +434,7 @@ def _interpreting() -> bool:
 
 
 def _pow2(n: int) -> int:
-    return max(2, triton.next_power_of_2(n))
+    return max(2, next_power_of_2(n))
 
 
 def _route_launch_params(tokens: int, num_experts: int, interpreting: bool) -> tuple[int, int, int]:
@@ -442,7 +444,7 @@ def _route_launch_params(tokens: int, num_experts: int, interpreting: bool) -> t
     else:
         block_t = min(ROUTE_BLOCK_T_MAX_CUDA, max(16, ROUTE_TILE_CUDA // _pow2(num_experts)))
         warps = ROUTE_WARPS_CUDA
-    return block_t, triton.cdiv(tokens, block_t), warps
+    return block_t, cdiv(tokens, block_t), warps
 
 
 # ---------------------------------------------------------------------------------------------- custom ops
@@ -495,7 +497,7 @@ def _moe_route(
         tokens, num_experts, logits.stride(0), logits.stride(1),
         HAS_VALID=valid is not None, TOP_K=top_k, K_PAD=k_pad, E_PAD=e_pad, BLOCK_T=block_t, num_warps=warps,
     )
-    slots_per_program = triton.cdiv(slots, n_blocks)
+    slots_per_program = cdiv(slots, n_blocks)
     _route_plan_kernel[(n_blocks,)](
         valid_arg, expert_idx, gates, hist, nvalid, psum, lse_sq,
         capacity_tensor if capacity_tensor is not None else counts,
@@ -725,7 +727,7 @@ def _token_grad(grad_rows: Tensor, slot_of: Tensor, keep: Tensor | None, grad_lo
     grad_x = torch.empty(tokens, dim, device=grad_rows.device, dtype=out_dtype)
     if grad_x.numel() > 0:
         block_t, block_d, warps = (4, 8, 1) if interpreting else TOKEN_GRAD_BLOCKS_CUDA
-        grid = (triton.cdiv(tokens, block_t), triton.cdiv(dim, block_d))
+        grid = (cdiv(tokens, block_t), cdiv(dim, block_d))
         keep_arg = keep.contiguous() if keep is not None else slot_of  # the plans may hand over transposed ones
         _token_grad_kernel[grid](grad_rows_k, slot_of.contiguous(), keep_arg,
                                  grad_logits.contiguous(), weight_k, grad_x, tokens, dim,

@@ -24,9 +24,9 @@ from mamba_r1.ops.triton_runtime import (
     check_triton_runtime,
     for_kernel,
     needs_autograd,
+    next_power_of_2,
     resolve_graph_backend,
     tl,
-    triton,
 )
 from mamba_r1.ops.triton_runtime import jit as _jit
 
@@ -93,7 +93,7 @@ def _add_rms_norm_triton(residual, delta, weight, eps):
     normed = torch.empty(rows, dim, device=residual.device, dtype=residual_k.dtype)  # (rows, dim)
     new_residual = torch.empty_like(normed) if delta is not None else residual_k  # (rows, dim)
     if rows > 0:
-        block = triton.next_power_of_2(dim)
+        block = next_power_of_2(dim)
         _add_rms_norm_kernel[(rows,)](
             residual_k, delta_k if delta_k is not None else residual_k, weight_k, normed, new_residual,
             dim, eps,

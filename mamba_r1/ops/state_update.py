@@ -30,9 +30,11 @@ from mamba_r1.ops.selective_scan import _check_float, _check_shape
 from mamba_r1.ops.triton_runtime import (
     BACKENDS,
     built_for_interpreter,
+    cdiv,
     check_triton_runtime,
     for_kernel,
     needs_autograd,
+    next_power_of_2,
     resolve_backend,
     tl,
     triton,
@@ -279,12 +281,12 @@ def _state_update_triton(
     B_k, C_k = _as_groups(B_k), _as_groups(C_k)  # (batch, groups, d_state)
     batch, dim, d_state = state.shape
     out = torch.empty(batch, dim, device=state.device, dtype=x_k.dtype)  # (batch, dim)
-    block_n = triton.next_power_of_2(d_state)
+    block_n = next_power_of_2(d_state)
     block_d, num_warps = _block_sizes(block_n, interpreting)
     # Absent optional inputs are never read (their HAS_* flag is False): x stands in for the pointer.
     D_arg, z_arg, bias_arg, w_arg = (t if t is not None else x_k for t in (D_k, z_k, bias_k, w_k))
     dt_rank = dt_weight.shape[1] if dt_weight is not None else 1
-    grid = (triton.cdiv(dim, block_d), batch)
+    grid = (cdiv(dim, block_d), batch)
     _state_update_kernel[grid](
         state, x_k, dt_k, bias_arg, A_k, B_k, C_k, D_arg, z_arg, w_arg,
         out,
@@ -300,7 +302,7 @@ def _state_update_triton(
         w_arg.stride(0), w_arg.stride(1),
         HAS_DT_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None, DT_SOFTPLUS=bool(dt_softplus),
         A_IS_LOG=bool(A_is_log), HAS_DT_WEIGHT=dt_weight is not None, BLOCK_D=block_d, BLOCK_N=block_n,
-        BLOCK_R=triton.next_power_of_2(dt_rank),
+        BLOCK_R=next_power_of_2(dt_rank),
         num_warps=num_warps,
     )
     return out if out.dtype == x.dtype else out.to(x.dtype)
