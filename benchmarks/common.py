@@ -35,7 +35,7 @@ def queued_gpu_us(fn, reps: int = 25, flush_mb: int = 256) -> float:
     """Median GPU time of fn() in µs with the host out of the picture: every call (each after an L2 flush, like
     do_bench's) is enqueued while the GPU sleeps, and CUDA events around each call time only its kernels. do_bench
     enqueues one call at a time, so a call whose launches take longer on the host than its kernels on the GPU (a
-    few small launches on a slow host) is timed at its host cost instead. Run fn once before (compilation)."""
+    few small launches on a slow host) is timed at its host cost instead. fn runs once untimed first (compilation)."""
     flush = torch.empty(flush_mb * 2**20, dtype=torch.int8, device="cuda")
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     fn()
