@@ -11,7 +11,9 @@ GELU(h + b) (268 MB) instead of writing h, reading it and writing GELU (402 MB);
 grad_h = (grad_y @ W2^T) * GELU'(h + b) directly, reading h in its epilogue, instead of writing grad_hidden and
 reading it back with h (403 MB -> 268 MB). About 270 MB less traffic per step (~65-90 µs on an H200), if the Triton
 GEMM keeps up with CUTLASS's (~576 TFLOP/s here). This script measures that: every variant is checked against a
-float32 torch composition first, then timed (triton.testing.do_bench, median).
+float32 torch composition first, then timed (triton.testing.do_bench, median); then the whole expert FFN's
+forward+backward on the fused kernels (the other GEMMs on torch._grouped_mm) is checked against SwitchMoE's current
+one (moe_expert_ffn._ExpertFFNEager) and both are timed.
 
 Tile schedule (no host sync): rows are sorted by expert and ``group_ends`` (int32) holds each expert's end row.
 An expert with r rows takes cdiv(r, BLOCK_M) row tiles; the grid's first axis has cdiv(rows, BLOCK_M) + num_experts
@@ -29,7 +31,7 @@ import triton
 import triton.language as tl
 
 from mamba_r1.ops import moe_expert_ffn
-from mamba_r1.ops.moe_dispatch import ffn_activation
+from mamba_r1.ops.moe_dispatch import DispatchPlan, ffn_activation
 
 GELU = tl.constexpr(1)  # moe_expert_ffn._act_fwd/_act_grad code of GELU
 
@@ -138,6 +140,32 @@ def fused_dx(grad_y, w2, pre, group_ends, blocks):
     return grad_h, partial
 
 
+def fused_ffn_step(rows, w1, b1, w2, group_ends, grad_y, blocks):
+    """The whole expert FFN (no output bias) forward and backward on the fused kernels, the rest on
+    torch._grouped_mm: y = GELU(rows @ w1[e] + b1[e]) @ w2[e], then the gradients of rows, w1, b1, w2 for grad_y."""
+    pre, hidden = fused_forward(rows, w1, b1, group_ends, blocks)  # (slots, expert_dim) each
+    y = torch._grouped_mm(hidden, w2, offs=group_ends)  # (slots, dim)
+    grad_h, partial = fused_dx(grad_y, w2, pre, group_ends, blocks)  # (slots, expert_dim), (tiles, expert_dim)
+    grad_w2 = torch._grouped_mm(hidden.t(), grad_y, offs=group_ends)
+    grad_rows = torch._grouped_mm(grad_h, w1.transpose(-2, -1), offs=group_ends)
+    grad_w1 = torch._grouped_mm(rows.t(), grad_h, offs=group_ends)
+    # Each tile's partial belongs to one expert: its expert from the cumulative tile counts, then a segment sum.
+    starts = torch.cat([group_ends.new_zeros(1), group_ends[:-1]])
+    tiles_end = torch.cumsum((group_ends - starts + blocks[0] - 1) // blocks[0], 0)
+    tile_expert = torch.searchsorted(tiles_end, torch.arange(partial.shape[0], device=rows.device, dtype=torch.int32),
+                                     right=True).clamp_max(w1.shape[0] - 1)
+    grad_b1 = torch.zeros(b1.shape, device=rows.device, dtype=torch.float32).index_add_(0, tile_expert, partial)
+    return y, grad_rows, grad_w1, grad_b1.to(b1.dtype), grad_w2
+
+
+def current_ffn_step(rows, w1, b1, w2, plan, grad_y):
+    """The same step as SwitchMoE runs it now (moe_expert_ffn._ExpertFFNEager: grouped_mm + bias/GELU kernels)."""
+    leaves = [t.detach().requires_grad_() for t in (rows, w1, b1, w2)]
+    y = moe_expert_ffn._ExpertFFNEager.apply(*leaves, plan, "gelu")
+    y.backward(grad_y)
+    return (y.detach(), *(t.grad for t in leaves))
+
+
 def inputs(rows_per_expert, k, n, dtype, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     rows = sum(rows_per_expert)
@@ -196,6 +224,17 @@ def smoke():
     for rows_per_expert, k, n in (([5, 0, 19, 1], 24, 40), ([33], 16, 17), ([2, 7, 0], 40, 33)):
         errors = check(rows_per_expert, k, n, torch.float32, "cpu", blocks, 1e-5)
         print(f"{rows_per_expert} x {k} -> {n}: " + ", ".join(f"{key} {v:.1e}" for key, v in errors.items()))
+    # The whole step against the current one (torch._grouped_mm on CPU wants widths in multiples of 16 bytes).
+    rows_per_expert, k, n = [5, 0, 19, 1], 24, 40
+    x, w1, b1, w2, grad_y, group_ends, expert_of_row = inputs(rows_per_expert, k, n, torch.float32, "cpu")
+    plan = DispatchPlan(slot_of=None, owns_slot=None, token_of_slot=None, assignment_of_slot=None,
+                        group_ends=group_ends, expert_of_slot=expert_of_row, capacity=None)
+    errors = [rel(g, w) for g, w in zip(fused_ffn_step(x, w1, b1, w2, group_ends, grad_y, blocks),
+                                        current_ffn_step(x, w1, b1, w2, plan, grad_y))]
+    if max(errors) > 1e-5:
+        raise SystemExit(f"fused expert FFN step disagrees with the current one: {errors}")
+    print("whole expert FFN step (y, grad rows, w1, b1, w2) vs the current one: "
+          + ", ".join(f"{e:.1e}" for e in errors))
 
 
 def bench(a):
@@ -226,6 +265,12 @@ def bench(a):
           f"{1e3 * base_b:.1f} µs")
     print("| BLOCK_M | BLOCK_N | BLOCK_K | warps | stages | forward µs | TFLOP/s | vs now | dX µs | TFLOP/s | vs now |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    plan = DispatchPlan(slot_of=None, owns_slot=None, token_of_slot=None, assignment_of_slot=None,
+                        group_ends=group_ends, expert_of_slot=expert_of_row, capacity=None)
+    base_step = ms(lambda: current_ffn_step(x, w1, b1, w2, plan, grad_y))
+    want_step = current_ffn_step(x, w1, b1, w2, plan, grad_y)
+    print(f"now: the whole expert FFN (six grouped GEMMs, bias/GELU kernels) forward+backward {1e3 * base_step:.1f} µs")
+    steps = {}
     for blocks in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
                    (128, 128, 32, 4, 4), (256, 128, 64, 8, 3)):
         try:
@@ -238,6 +283,14 @@ def bench(a):
         b = ms(lambda: fused_dx(grad_y, w2, pre, group_ends, blocks))
         print(f"| {' | '.join(map(str, blocks))} | {1e3 * f:.1f} | {flops / f / 1e9:.0f} | {f / base_f:.2f}x | "
               f"{1e3 * b:.1f} | {flops / b / 1e9:.0f} | {b / base_b:.2f}x |")
+        got_step = fused_ffn_step(x, w1, b1, w2, group_ends, grad_y, blocks)
+        errors = [rel(g, w) for g, w in zip(got_step, want_step)]
+        if max(errors) > 2e-2:
+            raise SystemExit(f"fused expert FFN step disagrees with the current one at {blocks}: {errors}")
+        steps[blocks] = ms(lambda: fused_ffn_step(x, w1, b1, w2, group_ends, grad_y, blocks))
+    print("\nthe whole expert FFN forward+backward on the fused kernels (checked against the current step first):")
+    for blocks, t in steps.items():
+        print(f"  {blocks}: {1e3 * t:.1f} µs ({1e3 * (t - base_step):+.1f} µs vs now)")
 
 
 def main():
