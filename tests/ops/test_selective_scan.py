@@ -135,7 +135,15 @@ def test_chunked_gradients_match_reference(shape, group_pick, dtype, seed):
     want = grads_of(selective_scan_ref, float64_copy(args), grad_out.double(), delta_softplus=True)
     for name in want:
         assert got[name].dtype == args[name].dtype, name
-        assert rel_err(got[name], want[name]) <= GRAD_TOL[dtype], name
+        if name == "delta_bias":
+            # A sum over batch and time of delta's gradient (exactly: dt = delta + bias[:, None]); its rounding error
+            # scales with the terms' magnitudes, and where they cancel (bf16, one channel, 6 terms: 2.2% of the
+            # sum, found by hypothesis) the sum's own norm understates it.
+            scale = max(want[name].norm().item(), want["delta"].abs().sum(dim=(0, 2)).norm().item())
+            err = (got[name].double() - want[name]).norm().item() / scale
+        else:
+            err = rel_err(got[name], want[name])
+        assert err <= GRAD_TOL[dtype], name
 
 
 def test_chunked_is_stable_when_decay_is_steep():
