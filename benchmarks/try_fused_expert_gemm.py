@@ -54,6 +54,21 @@ def _tile_of(pid_m, group_ends_ptr, num_experts, BLOCK_M: tl.constexpr, E_PAD: t
 
 
 @triton.jit
+def _tile_product(rows_ptr, w_base, offs_m, offs_n, mask_m, mask_n, K, stride_wk, stride_wn,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) float32 tile of rows (.., K) @ W, W[k, n] at w_base + k * stride_wk + n * stride_wn."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(rows_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :],
+                    mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+        b = tl.load(w_base + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                    mask=(offs_k < K)[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
 def _fwd_kernel(x_ptr, w_ptr, bias_ptr, group_ends_ptr, pre_ptr, out_ptr, K, N, num_experts,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr):
     """pre = x @ w[e] + b[e] (rounded to x's dtype), out = GELU(pre), for one (row tile, column tile)."""
@@ -62,15 +77,8 @@ def _fwd_kernel(x_ptr, w_ptr, bias_ptr, group_ends_ptr, pre_ptr, out_ptr, K, N, 
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m, mask_n = offs_m < end, offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        w_base = w_ptr + expert.to(tl.int64) * K * N
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :],
-                        mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-            b = tl.load(w_base + offs_k[:, None] * N + offs_n[None, :], mask=(offs_k < K)[:, None] & mask_n[None, :],
-                        other=0.0)
-            acc = tl.dot(a, b, acc)
+        acc = _tile_product(x_ptr, w_ptr + expert.to(tl.int64) * K * N, offs_m, offs_n, mask_m, mask_n, K, N, 1,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
         acc += tl.load(bias_ptr + expert * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         pre = acc.to(pre_ptr.dtype.element_ty)
         tile = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
@@ -92,15 +100,9 @@ def _dx_kernel(grad_y_ptr, w_ptr, pre_ptr, group_ends_ptr, grad_h_ptr, partial_p
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m, mask_n = offs_m < end, offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        w_base = w_ptr + expert.to(tl.int64) * N * K
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(grad_y_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :],
-                        mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-            b = tl.load(w_base + offs_n[None, :] * K + offs_k[:, None], mask=(offs_k < K)[:, None] & mask_n[None, :],
-                        other=0.0)
-            acc = tl.dot(a, b, acc)
+        # w[e] is (N, K): W^T[k, n] = w[e, n, k].
+        acc = _tile_product(grad_y_ptr, w_ptr + expert.to(tl.int64) * N * K, offs_m, offs_n, mask_m, mask_n, K, 1, K,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
         tile = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
         pre = tl.load(pre_ptr + tile, mask=mask, other=0.0).to(tl.float32)
