@@ -127,8 +127,9 @@ def fused_forward(x, w, bias, group_ends, blocks):
 
 
 def fused_dx(grad_y, w2, pre, group_ends, blocks):
-    """(rows, K) grad_y, (E, N, K) w2, (rows, N) pre -> grad_h (rows, N), bias-gradient partials (tiles, N) float32
-    (summing them per expert is moe_expert_ffn's fixed-order reduction; not part of this experiment)."""
+    """(rows, K) grad_y, (E, N, K) w2, (rows, N) pre -> grad_h (rows, N), bias-gradient partials (tiles, N) float32,
+    zero for the grid's tiles past the last expert's (fused_ffn_step sums them per expert with index_add; the library
+    would sum them in a fixed order, as moe_expert_ffn.reduce_bias_partials does)."""
     block_m, block_n, block_k, warps, stages = blocks
     rows, k = grad_y.shape
     num_experts, n, _ = w2.shape

@@ -415,8 +415,8 @@ def grouped_mm_supported(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) ->
 # computed). Measured at capacity factor 1.25 (16,384 tokens, 1024 -> 4096, 8 experts, bf16, H200, 2026-11-30,
 # benchmarks/moe_breakdown.py and bench_moe.py), with the fused bias/activation kernels on both layouts: GPU time per
 # training step 2.04 ms grouped against 2.14 ms bmm; captured in CUDA graphs 1.82 against 2.06 ms later the same
-# day (bench_moe.py, after the GELU and output-bias changes). Before those kernels (bmm
-# through baddbmm) the rule was 1.25, from wall-clock runs where the host's launch overhead decided.
+# day (bench_moe.py, after the GELU and output-bias changes). Before those kernels (bmm through baddbmm) the rule
+# was 1.25, from wall-clock runs where the host's launch overhead decided.
 AUTO_BMM_MAX_PADDING = 1.0
 
 
