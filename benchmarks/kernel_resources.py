@@ -39,11 +39,13 @@ BF16_POINTERS = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "do
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
-def signature(kernel) -> dict[str, str]:
+def signature(kernel, paired_bc: bool = False) -> dict[str, str]:
     sig = {}
     for param in kernel.params:
         if param.is_constexpr:
             sig[param.name] = "constexpr"
+        elif paired_bc and param.name in ("B_ptr", "C_ptr"):
+            sig[param.name] = "*i32"  # bf16 pairs (BlockSizes.paired_bc)
         elif param.name.endswith("_ptr"):
             sig[param.name] = "*bf16" if param.name in BF16_POINTERS else "*fp32"
         else:
@@ -80,7 +82,8 @@ def innermost_loop_mix(sass: str) -> str:
 
 
 def resources(kernel, constexprs: dict, num_warps: int, arch: int, sass: bool = False) -> str:
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature(kernel), constexprs=constexprs,
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature(kernel, constexprs.get("PAIRED_BC", False)),
+                                        constexprs=constexprs,
                                         attrs=alignment_hints(kernel)),
                               target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     out = cuobjdump(compiled, "--dump-resource-usage")
@@ -145,19 +148,24 @@ def main():
         return
     block_n = triton.next_power_of_2(a.d_state)
     fwd_flags = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, HAS_H0=False, DELTA_SOFTPLUS=True, BLOCK_N=block_n,
-                     CARRY_IN_MEMORY=True, UNROLL_N=1)
+                     CARRY_IN_MEMORY=True, UNROLL_N=1, PAIRED_BC=False)
     bwd_flags = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, HAS_DLAST=False, WANT_DH0=False,
-                     DELTA_SOFTPLUS=True, BLOCK_N=block_n, CARRY_IN_MEMORY=True, ATOMIC_BC=True, UNROLL_N=1)
+                     DELTA_SOFTPLUS=True, BLOCK_N=block_n, CARRY_IN_MEMORY=True, ATOMIC_BC=True, UNROLL_N=1,
+                     PAIRED_BC=False, VEC_RED=False)
     print(f"sm_{a.arch}, triton {triton.__version__}, d_state {a.d_state}, bf16 activations, z gating, softplus")
     rows = [("fwd scan", triton_fwd._selective_scan_fwd_kernel, c, fwd_flags) for c in FWD]
     rows += [("bwd", triton_bwd._selective_scan_bwd_kernel, c, bwd_flags) for c in BWD]
-    for name, kernel, (chunk_l, block_d, warps, stages, unroll), flags in rows:
-        constexprs = dict(flags, BLOCK_D=block_d, CHUNK_L=chunk_l, N_STAGES=stages, UNROLL_N=unroll)
+    for name, kernel, (chunk_l, block_d, warps, stages, unroll, switches), flags in rows:
+        constexprs = dict(flags, BLOCK_D=block_d, CHUNK_L=chunk_l, N_STAGES=stages, UNROLL_N=unroll,
+                          PAIRED_BC="paired" in switches)
+        if "VEC_RED" in flags:
+            constexprs["VEC_RED"] = "vecred" in switches
+        name = f"{name} {switches}" if switches else name
         try:
             usage = resources(kernel, constexprs, warps, a.arch, a.sass)
         except Exception as err:  # a configuration the compiler refuses
             usage = f"does not compile: {type(err).__name__}: {str(err)[:100]}"
-        print(f"{name:15s} chunk {chunk_l:5d} block_d {block_d:4d} warps {warps} stages {stages} unroll {unroll}: "
+        print(f"{name:22s} chunk {chunk_l:5d} block_d {block_d:4d} warps {warps} stages {stages} unroll {unroll}: "
               f"{usage}", flush=True)
 
 

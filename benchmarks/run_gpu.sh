@@ -3,7 +3,7 @@
 # $OUT/gpu_results.tgz ($OUT: the device tool's output folder). Usage (repo root; the lent image had no loguru in
 # 2026-11, so carry its wheel in .whl/, see the device tool's README):
 #   bash benchmarks/run_gpu.sh [STAGE ...]   stages: tests quicktests scan block moe memory decode profile
-#   profile_moe moe_breakdown moegemm fusedgemm tunemoe moe_capture profile_decode moetests decodelinear conv convsweep ncu tune (default: tests scan block moe memory decode profile)
+#   profile_moe moe_breakdown moegemm fusedgemm tunemoe moe_capture profile_decode moetests scantests decodelinear conv convsweep ncu tune (default: tests scan block moe memory decode profile)
 # The device's copy of the tree has no .git: `git checkout` there does nothing, so a stage cannot fall back to
 # committed files; run it on a tree where every imported file is present.
 set -uo pipefail
@@ -34,6 +34,9 @@ for w in $what; do
               tests/ops/test_decode_linear.py tests/ops/test_rms_norm.py tests/modules/test_norm.py \
               --tb=short -p no:logging 2>&1 | tail -80 \
               | tee "$OUT/quicktests.log" ;;
+    # The scan kernels against the float64 reference (hypothesis compiles many specialisations: minutes cold).
+    scantests) timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short \
+              tests/ops/test_selective_scan_triton.py 2>&1 | tail -40 | tee "$OUT/scantests.log" ;;
     # The MoE kernels (routing + plan + losses, combine, bias + activation) and the layer.
     moetests) timeout 420 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/ops/test_moe_routing.py \
               tests/ops/test_moe_combine.py tests/ops/test_moe_expert_ffn.py tests/ops/test_moe_layer_kernels.py \

@@ -39,9 +39,15 @@ SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
 # 256 3.182 / 19.10 / 6.127 (stages 3: 2.566 / 10.08 / 4.580), 128 3.029 / 12.30 / 5.416 (stages 3: 2.891 / 14.65 /
 # 5.375). The per-chunk work (checkpoint and carry loads, the dA read-modify-write, the barrier) outweighs the
 # occupancy: 512 stays.
-FWD = [(512, 1, 1, 1, 1), (256, 1, 1, 1, 1), (128, 1, 1, 1, 1), (128, 1, 1, 3, 1)]
+# A seventh (2026-11-30, sixth session): two instruction cuts from the sm_90 SASS (kernel_resources.py --sass), each
+# a switch of BlockSizes so that one run compares them: "paired" reads bf16 B and C as int32 pairs (forward state loop
+# 270 -> 254 instructions), "vecred" issues the backward's dB / dC reductions in the values' own layout (817 -> 696;
+# the backward at chunk 256 then needs 180 registers instead of 207).
+# (chunk_l, block_d, num_warps, n_stages, unroll_n, switches)
+FWD = [(512, 1, 1, 1, 1, ""), (512, 1, 1, 1, 1, "paired"), (256, 1, 1, 1, 1, "paired")]
 # Configurations that spill (benchmarks/kernel_resources.py compiles them here, no GPU needed) are left out.
-BWD = [(512, 1, 1, 3, 1), (256, 1, 1, 1, 1), (256, 1, 1, 3, 1), (128, 1, 1, 1, 1), (128, 1, 1, 3, 1)]
+BWD = [(512, 1, 1, 3, 1, ""), (512, 1, 1, 3, 1, "paired"), (512, 1, 1, 3, 1, "vecred"),
+       (512, 1, 1, 3, 1, "paired+vecred"), (256, 1, 1, 1, 1, "paired+vecred"), (256, 1, 1, 3, 1, "paired+vecred")]
 
 
 # Backward register caps (maxnreg) tried at the table's backward row with --maxnreg: 255 registers allow 8 warps per
@@ -50,13 +56,16 @@ BWD = [(512, 1, 1, 3, 1), (256, 1, 1, 1, 1), (256, 1, 1, 3, 1), (128, 1, 1, 1, 1
 # 10.99 / 4.887, 232 2.449 / 9.807 / 4.269: the spills cost more than the occupancy gains; the table sets no cap.
 
 
-def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, maxnreg=None):
-    """Set the configuration; the kernel not being swept gets one channel per program and one warp."""
+def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, maxnreg=None, switches=""):
+    """Set the configuration; the kernel not being swept gets one channel per program and one warp. ``switches``:
+    "paired" and / or "vecred" (joined by +), BlockSizes.paired_bc and vec_red."""
     fwd = fwd or (1, 1)
     bwd = bwd or (1, 1)
     triton_fwd.BLOCK_SIZE_OVERRIDE = triton_fwd.BlockSizes(chunk_l, fwd[0], fwd[1], bwd[0], bwd[1],
                                                            carry_in_memory=True, atomic_bc=True, n_stages=stages,
-                                                           unroll_n=unroll, bwd_n_stages=stages, bwd_maxnreg=maxnreg)
+                                                           unroll_n=unroll, bwd_n_stages=stages, bwd_maxnreg=maxnreg,
+                                                           paired_bc="paired" in switches,
+                                                           vec_red="vecred" in switches)
 
 
 class Checker:
@@ -68,8 +77,9 @@ class Checker:
     def errors(self, d_state):
         if d_state not in self.cache:
             torch.manual_seed(0)
-            args = make_inputs((2, 96, 1000, d_state), torch.bfloat16, self.device, requires_grad=True)
-            g = torch.randn(2, 96, 1000, device=self.device)
+            # seqlen 1040: two whole chunks of 512 and a partial one, and a multiple of 16 (the vector reductions)
+            args = make_inputs((2, 96, 1040, d_state), torch.bfloat16, self.device, requires_grad=True)
+            g = torch.randn(2, 96, 1040, device=self.device)
             ref_args = {k: t.detach().double().requires_grad_(True) for k, t in args.items()}
             ref = selective_scan_ref_float64(**ref_args, delta_softplus=True)
             (ref * g.double()).sum().backward()
@@ -124,21 +134,22 @@ def main():
     print(f"tune_scan on {device_name('cuda')}, torch {torch.__version__}", flush=True)
     if a.maxnreg:
         table = triton_fwd.BLOCK_SIZE_TABLE["cuda"]
-        row_cfg = (table.chunk_l, table.bwd_block_d, table.bwd_warps, table.bwd_n_stages, table.unroll_n)
+        switches = "+".join(name for name, on in (("paired", table.paired_bc), ("vecred", table.vec_red)) if on)
+        row_cfg = (table.chunk_l, table.bwd_block_d, table.bwd_warps, table.bwd_n_stages, table.unroll_n, switches)
         plan = [("bwd", row_cfg, int(m) or None) for m in a.maxnreg.split(",")]
     else:
         plan = [("fwd", c, None) for c in FWD] if "fwd" in a.which else []
         plan += [("bwd", c, None) for c in BWD] if "bwd" in a.which else []
-    for kind, (chunk_l, block_d, warps, stages, unroll), maxnreg in plan:
+    for kind, (chunk_l, block_d, warps, stages, unroll, switches), maxnreg in plan:
         if time.perf_counter() - start > a.budget_s:
-            print(f"budget spent: skipped the rest from {kind} {chunk_l, block_d, warps, stages, unroll}")
+            print(f"budget spent: skipped the rest from {kind} {chunk_l, block_d, warps, stages, unroll, switches}")
             break
         if kind.startswith("fwd"):
-            use(chunk_l, fwd=(block_d, warps), stages=stages, unroll=unroll)
+            use(chunk_l, fwd=(block_d, warps), stages=stages, unroll=unroll, switches=switches)
         else:
-            use(chunk_l, bwd=(block_d, warps), stages=stages, unroll=unroll, maxnreg=maxnreg)
+            use(chunk_l, bwd=(block_d, warps), stages=stages, unroll=unroll, maxnreg=maxnreg, switches=switches)
         row = dict(kind=kind, chunk_l=chunk_l, block_d=block_d, warps=warps, n_stages=stages, unroll_n=unroll,
-                   maxnreg=maxnreg)
+                   maxnreg=maxnreg, switches=switches)
         try:
             errs = [checker.errors(n) for n in sorted({s[3] for s in shapes})]
             row["fwd_err"], row["grad_err"] = max(e[0] for e in errs), max(e[1] for e in errs)
@@ -152,7 +163,7 @@ def main():
         rows.append(row)
         times = " ".join(f"{row.get(str(s), float('nan')):8.3f}" for s in shapes)
         print(f"{kind} chunk {chunk_l:5d} block_d {block_d:4d} warps {warps} stages {stages} unroll {unroll} "
-              f"maxnreg {maxnreg or '-'} | "
+              f"maxnreg {maxnreg or '-'} {switches or '-':13s} | "
               f"{times} | "
               f"err {row.get('fwd_err', float('nan')):.1e}/{row.get('grad_err', float('nan')):.1e} "
               f"{row.get('error', '')}", flush=True)
@@ -166,7 +177,7 @@ def main():
                 best = min(timed, key=lambda r: r[str(shape)])
                 print(f"  {kind} {shape}: {best[str(shape)]:.3f} ms at chunk {best['chunk_l']}, block_d "
                       f"{best['block_d']}, warps {best['warps']}, stages {best['n_stages']}, unroll "
-                      f"{best['unroll_n']}   "
+                      f"{best['unroll_n']}, {best['switches'] or 'no switches'}   "
                       f"(anchor {MAMBA_SSM_H100.get(shape)})")
     write_json(a.out, dict(device=device_name("cuda"), torch=torch.__version__, rows=rows))
 

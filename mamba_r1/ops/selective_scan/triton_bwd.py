@@ -22,7 +22,29 @@ import torch
 import triton
 import triton.language as tl
 
-from mamba_r1.ops.selective_scan.triton_fwd import LN2, LOG2E, affine_combine, block_sizes, softplus
+from mamba_r1.ops.selective_scan.triton_fwd import (LN2, LOG2E, affine_combine, bf16_pairs, block_sizes,
+                                                     interpreting, load_state_row, softplus)
+
+
+@triton.jit
+def red_add_v4(ptrs, values):
+    """Atomically add float32 ``values`` at ``ptrs`` (relaxed, GPU scope), four consecutive elements per instruction,
+    in the values' own register layout, unmasked; returns a dummy. tl.atomic_add gives the values its own layout (four
+    per thread, a different four) and converts them through shuffles and selects (121 of the backward's 817
+    instructions per state). Inline PTX, GPU only, and only where the launcher's vector_reductions() holds: the
+    elements a thread holds come in runs of four consecutive ones (the 16-byte vector loads' layout, which needs
+    aligned, 16-divisible strides and seqlen), the addresses are 16-byte aligned, every address exists (rows padded to
+    whole chunks) and no element is held by two threads (one warp)."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        red.global.gpu.relaxed.add.v4.f32 [$4], {$8, $9, $10, $11};
+        mov.b32 $0, 0;
+        mov.b32 $1, 0;
+        mov.b32 $2, 0;
+        mov.b32 $3, 0;
+        """,
+        constraints="=r,=r,=r,=r,l,l,l,l,f,f,f,f",
+        args=[ptrs, values], dtype=tl.int32, is_pure=False, pack=4)
 
 
 @triton.jit
@@ -37,7 +59,7 @@ def _selective_scan_bwd_kernel(
     # (the last state's gradient, or zeros, at the start)
     dA_part_ptr, dD_part_ptr, ddelta_bias_part_ptr, dB_part_ptr, dC_part_ptr, dh0_ptr, g_carry_ptr,
     # sizes
-    dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks,
+    dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks, bc_row_len,
     # strides of the inputs (time stride 1)
     stride_u_batch, stride_u_dim,
     stride_delta_batch, stride_delta_dim,
@@ -52,7 +74,7 @@ def _selective_scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
     WANT_DH0: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr, ATOMIC_BC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
-    UNROLL_N: tl.constexpr,
+    UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr, VEC_RED: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
     pid_batch = tl.program_id(1).to(tl.int64)
@@ -88,9 +110,9 @@ def _selective_scan_bwd_kernel(
     # dB / dC rows of this program, (d_state, seqlen): its own partials at [batch, group, block], or with ATOMIC_BC
     # the shared float32 sums at [batch, group].
     if ATOMIC_BC:
-        dBC_part_offs = (pid_batch * (tl.num_programs(0) // blocks_per_group) + group) * d_state * seqlen
+        dBC_part_offs = (pid_batch * (tl.num_programs(0) // blocks_per_group) + group) * d_state * bc_row_len
     else:
-        dBC_part_offs = (pid_batch * (tl.num_programs(0)) + pid_block) * d_state * seqlen
+        dBC_part_offs = (pid_batch * (tl.num_programs(0)) + pid_block) * d_state * bc_row_len
 
     if HAS_D:
         D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -159,8 +181,8 @@ def _selective_scan_bwd_kernel(
         # Unrolling / pipelining the state loop lets one state's loads of B and C and its scan overlap another's.
         for n in tl.range(0, d_state, num_stages=N_STAGES, loop_unroll_factor=UNROLL_N):
             A_n = tl.load(A_rows + n * stride_A_state, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
-            B_n = tl.load(B_group + n * stride_B_state + offs_t, mask=mask_t, other=0.0).to(tl.float32)  # (CHUNK_L,)
-            C_n = tl.load(C_group + n * stride_C_state + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+            B_n = load_state_row(B_group + n * stride_B_state, chunk, seqlen, offs_t, mask_t, CHUNK_L, PAIRED_BC)
+            C_n = load_state_row(C_group + n * stride_C_state, chunk, seqlen, offs_t, mask_t, CHUNK_L, PAIRED_BC)
             # 1. forward states of this chunk from the checkpoint
             h_start = tl.load(ckpt_rows + chunk * d_state + n, mask=mask_d, other=0.0)  # (BLOCK_D,)
             x = dt_u * B_n[None, :]
@@ -199,8 +221,12 @@ def _selective_scan_bwd_kernel(
                 tl.store(dA_part_ptr + state_rows + n, dA_n + LN2 * tl.sum(g_decayed * dt, axis=1), mask=mask_d)
             else:
                 dA_acc = tl.where(is_n, dA_acc + LN2 * tl.sum(g_decayed * dt, axis=1)[:, None], dA_acc)
-            part_row = dBC_part_offs + n * seqlen + offs_t
-            if ATOMIC_BC:
+            part_row = dBC_part_offs + n * bc_row_len + offs_t
+            if ATOMIC_BC and VEC_RED:
+                # Rows padded to whole chunks: no mask (steps past the end add zeros: dt and dout are zero there).
+                red_add_v4(dB_part_ptr + part_row, tl.sum(g_n * dt_u, axis=0))
+                red_add_v4(dC_part_ptr + part_row, tl.sum(dy * h_n, axis=0))
+            elif ATOMIC_BC:
                 tl.atomic_add(dB_part_ptr + part_row, tl.sum(g_n * dt_u, axis=0), mask=mask_t, sem="relaxed")
                 tl.atomic_add(dC_part_ptr + part_row, tl.sum(dy * h_n, axis=0), mask=mask_t, sem="relaxed")
             else:
@@ -250,6 +276,19 @@ def _selective_scan_bwd_kernel(
         tl.store(dh0_ptr + state_offs, tl.exp(delta_0[:, None] * A) * g_carry, mask=mask_dn)
 
 
+def vector_reductions(sizes, seqlen: int, tensors) -> bool:
+    """Whether the backward may add dB / dC with red_add_v4: the table asks for it (with atomics and one warp), the
+    kernels run on a GPU, and every (batch, dim, seqlen) tile the kernel reads or writes (``tensors``; None skipped)
+    is 16-byte aligned with strides and seqlen divisible by 16, which is what gives the kernel's tiles the vector
+    loads' layout (runs of 8 bf16 or 4 float32 steps per thread) that red_add_v4 relies on."""
+    if not (sizes.vec_red and sizes.atomic_bc and sizes.bwd_warps == 1 and sizes.chunk_l % 16 == 0):
+        return False
+    if interpreting() or seqlen % 16:
+        return False
+    return all(t.data_ptr() % 16 == 0 and all(stride % 16 == 0 for stride in t.stride()[:-1])
+               for t in tensors if t is not None)
+
+
 def selective_scan_bwd_launch(
     dout: torch.Tensor,  # (batch, dim, seqlen), time stride 1
     dlast: torch.Tensor | None,  # (batch, dim, d_state) float32 contiguous
@@ -287,9 +326,12 @@ def selective_scan_bwd_launch(
         g_carry = None
     dD_part = torch.empty(batch, dim, **f32) if D is not None else None
     ddelta_bias_part = torch.empty(batch, dim, **f32) if delta_bias is not None else None
+    vec_red = vector_reductions(sizes, seqlen, (u, delta, dout, z, du, ddelta, dz))
+    # The vector reductions are unmasked: their rows run to the end of the last chunk.
+    bc_row_len = n_chunks * sizes.chunk_l if vec_red else seqlen
     if sizes.atomic_bc:
-        dB_part = torch.zeros(batch, groups, 1, d_state, seqlen, **f32)
-        dC_part = torch.zeros(batch, groups, 1, d_state, seqlen, **f32)
+        dB_part = torch.zeros(batch, groups, 1, d_state, bc_row_len, **f32)
+        dC_part = torch.zeros(batch, groups, 1, d_state, bc_row_len, **f32)
     else:
         dB_part = torch.empty(batch, groups, blocks_per_group, d_state, seqlen, **f32)
         dC_part = torch.empty(batch, groups, blocks_per_group, d_state, seqlen, **f32)
@@ -300,13 +342,16 @@ def selective_scan_bwd_launch(
         return t if t is not None else u
 
     z_arg, dz_arg = ptr(z), ptr(dz)
+    pairs = bf16_pairs(B, C) if sizes.paired_bc else None
+    if pairs is not None:
+        B, C = pairs  # (batch, groups, d_state, seqlen / 2) int32
     grid = (groups * blocks_per_group, batch)
     launch_options = {} if sizes.bwd_maxnreg is None else {"maxnreg": sizes.bwd_maxnreg}
     _selective_scan_bwd_kernel[grid](
         u, delta, A, B, C, ptr(D), z_arg, ptr(delta_bias), ckpt, dout, ptr(dlast),
         du, ddelta, dz_arg,
         dA_part, ptr(dD_part), ptr(ddelta_bias_part), dB_part, dC_part, ptr(dh0), ptr(g_carry),
-        dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks,
+        dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks, bc_row_len,
         u.stride(0), u.stride(1),
         delta.stride(0), delta.stride(1),
         A.stride(0), A.stride(1),
@@ -321,13 +366,13 @@ def selective_scan_bwd_launch(
         HAS_DLAST=dlast is not None, WANT_DH0=want_dinitial_state, DELTA_SOFTPLUS=delta_softplus,
         CARRY_IN_MEMORY=sizes.carry_in_memory, ATOMIC_BC=sizes.atomic_bc,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
-        N_STAGES=sizes.bwd_n_stages, UNROLL_N=sizes.unroll_n,
+        N_STAGES=sizes.bwd_n_stages, UNROLL_N=sizes.unroll_n, PAIRED_BC=pairs is not None, VEC_RED=vec_red,
         num_warps=sizes.bwd_warps, **launch_options,
     )
     return {
         "A": dA_part.sum(0),
-        "B": dB_part[:, :, 0] if sizes.atomic_bc else dB_part.sum(2),
-        "C": dC_part[:, :, 0] if sizes.atomic_bc else dC_part.sum(2),
+        "B": dB_part[:, :, 0, :, :seqlen] if sizes.atomic_bc else dB_part.sum(2),
+        "C": dC_part[:, :, 0, :, :seqlen] if sizes.atomic_bc else dC_part.sum(2),
         "D": dD_part.sum(0) if D is not None else None,
         "delta_bias": ddelta_bias_part.sum(0) if delta_bias is not None else None,
         "initial_state": dh0,

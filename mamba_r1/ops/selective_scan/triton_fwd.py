@@ -47,6 +47,14 @@ class BlockSizes:
     # Fewer registers fit more warps per SM at the price of spills to local memory (L1): 168-232 were 0-39% slower
     # on an H200 (benchmarks/tune_scan.py --maxnreg), so the table sets none.
     bwd_maxnreg: int | None = None
+    # GPU: read bfloat16 B and C rows as int32 pairs and widen each half with one integer op (a shift or a mask)
+    # instead of the compiler's bf16 unpacking (three ops per pair): 16 instructions fewer per state in the forward's
+    # state loop (sm_90, kernel_resources.py --sass). Used when both are bfloat16 with even seqlen and strides.
+    paired_bc: bool = False
+    # GPU: the backward adds dB / dC with vector reductions issued in the values' own register layout (inline PTX,
+    # red_add_v4 in triton_bwd.py) instead of tl.atomic_add, which converts them into its own layout through
+    # shuffles and selects: 121 of 817 instructions per state. Needs atomic_bc, one warp, seqlen % 4 == 0.
+    vec_red: bool = False
 
 
 # GPU tuning edits this table only. "cuda": from two sweeps with benchmarks/tune_scan.py on an H200 (2026-11-30, bf16;
@@ -67,7 +75,7 @@ class BlockSizes:
 # kernels use different block_d on purpose.
 BLOCK_SIZE_TABLE = {
     "cuda": BlockSizes(chunk_l=512, fwd_block_d=1, fwd_warps=1, bwd_block_d=1, bwd_warps=1, carry_in_memory=True,
-                       atomic_bc=True, bwd_n_stages=3),
+                       atomic_bc=True, bwd_n_stages=3, paired_bc=True, vec_red=True),
     "interpret": BlockSizes(chunk_l=8, fwd_block_d=2, fwd_warps=1, bwd_block_d=4, bwd_warps=1),
 }
 # Tuning scripts (benchmarks/tune_scan.py) set this to try a configuration; None in normal use.
@@ -113,6 +121,34 @@ def softplus(x):
 
 
 @triton.jit
+def load_state_row(row_ptr, chunk, seqlen, offs_t, mask_t, CHUNK_L: tl.constexpr, PAIRED: tl.constexpr):
+    """One state's row of B or C over this chunk, (CHUNK_L,) float32. With PAIRED the row is bfloat16 seen as int32
+    (two steps per element, the earlier step in the low half; seqlen even): a bfloat16 is the top half of a float32,
+    so each half widens with one shift or mask."""
+    if PAIRED:
+        offs_pair = chunk * (CHUNK_L // 2) + tl.arange(0, CHUNK_L // 2)
+        pairs = tl.load(row_ptr + offs_pair, mask=offs_pair < seqlen // 2, other=0)
+        earlier = (pairs << 16).to(tl.float32, bitcast=True)
+        later = (pairs & -65536).to(tl.float32, bitcast=True)
+        return tl.join(earlier, later).reshape(CHUNK_L)
+    else:
+        return tl.load(row_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+
+
+def bf16_pairs(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """B and C (batch, groups, d_state, seqlen) bfloat16 as int32 views (batch, groups, d_state, seqlen / 2) for
+    load_state_row's PAIRED path, or None where either cannot be viewed so (another dtype, an odd seqlen, stride or
+    offset)."""
+    views = []
+    for t in (B, C):
+        if (t.dtype != torch.bfloat16 or t.shape[-1] % 2 or t.stride(-1) != 1 or t.storage_offset() % 2
+                or any(stride % 2 for stride in t.stride()[:-1]) or t.data_ptr() % 4):
+            return None
+        views.append(t.view(torch.int32))
+    return views[0], views[1]
+
+
+@triton.jit
 def _selective_scan_fwd_kernel(
     # inputs
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, h0_ptr,
@@ -131,7 +167,7 @@ def _selective_scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
-    UNROLL_N: tl.constexpr,
+    UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
     pid_batch = tl.program_id(1).to(tl.int64)
@@ -203,8 +239,8 @@ def _selective_scan_fwd_kernel(
         # Unrolling / pipelining the state loop lets one state's loads of B and C and its scan overlap another's.
         for n in tl.range(0, d_state, num_stages=N_STAGES, loop_unroll_factor=UNROLL_N):
             A_n = tl.load(A_rows + n * stride_A_state, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
-            B_n = tl.load(B_group + n * stride_B_state + offs_t, mask=mask_t, other=0.0).to(tl.float32)  # (CHUNK_L,)
-            C_n = tl.load(C_group + n * stride_C_state + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+            B_n = load_state_row(B_group + n * stride_B_state, chunk, seqlen, offs_t, mask_t, CHUNK_L, PAIRED_BC)
+            C_n = load_state_row(C_group + n * stride_C_state, chunk, seqlen, offs_t, mask_t, CHUNK_L, PAIRED_BC)
             decay = tl.exp2(dt * A_n[:, None])
             if CARRY_IN_MEMORY:
                 h_start = tl.load(ckpt_rows + chunk * d_state + n, mask=mask_d, other=0.0)  # (BLOCK_D,)
@@ -263,6 +299,9 @@ def selective_scan_fwd_launch(
     ckpt = torch.empty(batch, dim, n_chunks, d_state, device=u.device, dtype=torch.float32)
     # Absent optional inputs are never read (their HAS_* flag is False): any tensor stands in for the pointer.
     D_arg, z_arg, bias_arg, h0_arg = (t if t is not None else u for t in (D, z, delta_bias, initial_state))
+    pairs = bf16_pairs(B, C) if sizes.paired_bc else None
+    if pairs is not None:
+        B, C = pairs  # (batch, groups, d_state, seqlen / 2) int32
     grid = (groups * blocks_per_group, batch)
     _selective_scan_fwd_kernel[grid](
         u, delta, A, B, C, D_arg, z_arg, bias_arg, h0_arg,
@@ -278,7 +317,7 @@ def selective_scan_fwd_launch(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         HAS_H0=initial_state is not None, DELTA_SOFTPLUS=delta_softplus, CARRY_IN_MEMORY=sizes.carry_in_memory,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
-        N_STAGES=sizes.n_stages, UNROLL_N=sizes.unroll_n,
+        N_STAGES=sizes.n_stages, UNROLL_N=sizes.unroll_n, PAIRED_BC=pairs is not None,
         num_warps=sizes.fwd_warps,
     )
     return last_state, ckpt
