@@ -46,8 +46,9 @@ SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
 # (chunk_l, block_d, num_warps, n_stages, unroll_n, switches)
 FWD = [(512, 1, 1, 1, 1, ""), (512, 1, 1, 1, 1, "paired"), (256, 1, 1, 1, 1, "paired")]
 # Configurations that spill (benchmarks/kernel_resources.py compiles them here, no GPU needed) are left out.
-BWD = [(512, 1, 1, 3, 1, ""), (512, 1, 1, 3, 1, "paired"), (512, 1, 1, 3, 1, "vecred"),
-       (512, 1, 1, 3, 1, "paired+vecred"), (256, 1, 1, 1, 1, "paired+vecred"), (256, 1, 1, 3, 1, "paired+vecred")]
+BWD = [(512, 1, 1, 3, 1, ""), (512, 1, 1, 3, 1, "paired+vecred"), (512, 1, 1, 3, 1, "paired+vecred+flip"),
+       (512, 1, 1, 2, 1, "paired+vecred+flip"), (256, 1, 1, 1, 1, "paired+vecred+flip"),
+       (256, 1, 1, 3, 1, "paired+vecred+flip")]
 
 
 # Backward register caps (maxnreg) tried at the table's backward row with --maxnreg: 255 registers allow 8 warps per
@@ -65,7 +66,8 @@ def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, maxnreg=None, switches=
                                                            carry_in_memory=True, atomic_bc=True, n_stages=stages,
                                                            unroll_n=unroll, bwd_n_stages=stages, bwd_maxnreg=maxnreg,
                                                            paired_bc="paired" in switches,
-                                                           vec_red="vecred" in switches)
+                                                           vec_red="vecred" in switches,
+                                                           flip_adjoint="flip" in switches)
 
 
 class Checker:
@@ -134,7 +136,8 @@ def main():
     print(f"tune_scan on {device_name('cuda')}, torch {torch.__version__}", flush=True)
     if a.maxnreg:
         table = triton_fwd.BLOCK_SIZE_TABLE["cuda"]
-        switches = "+".join(name for name, on in (("paired", table.paired_bc), ("vecred", table.vec_red)) if on)
+        switches = "+".join(name for name, on in (("paired", table.paired_bc), ("vecred", table.vec_red),
+                                                  ("flip", table.flip_adjoint)) if on)
         row_cfg = (table.chunk_l, table.bwd_block_d, table.bwd_warps, table.bwd_n_stages, table.unroll_n, switches)
         plan = [("bwd", row_cfg, int(m) or None) for m in a.maxnreg.split(",")]
     else:

@@ -55,6 +55,10 @@ class BlockSizes:
     # red_add_v4 in triton_bwd.py) instead of tl.atomic_add, which converts them into its own layout through
     # shuffles and selects: 121 of 817 instructions per state. Needs atomic_bc, one warp, seqlen % 4 == 0.
     vec_red: bool = False
+    # Backward: run the adjoint as a forward scan over time-reversed tiles (flip_time in triton_bwd.py: one shuffle
+    # per register on a GPU with one channel and one warp) instead of tl.associative_scan(reverse=True), whose flips
+    # Triton 3.6 builds from five butterfly shuffles per register (245 of the state loop's 853 instructions, sm_90).
+    flip_adjoint: bool = False
 
 
 # GPU tuning edits this table only. "cuda": from two sweeps with benchmarks/tune_scan.py on an H200 (2026-11-30, bf16;
@@ -75,7 +79,7 @@ class BlockSizes:
 # kernels use different block_d on purpose.
 BLOCK_SIZE_TABLE = {
     "cuda": BlockSizes(chunk_l=512, fwd_block_d=1, fwd_warps=1, bwd_block_d=1, bwd_warps=1, carry_in_memory=True,
-                       atomic_bc=True, bwd_n_stages=3, paired_bc=True, vec_red=True),
+                       atomic_bc=True, bwd_n_stages=3, paired_bc=True, vec_red=True, flip_adjoint=True),
     "interpret": BlockSizes(chunk_l=8, fwd_block_d=2, fwd_warps=1, bwd_block_d=4, bwd_warps=1),
 }
 # Tuning scripts (benchmarks/tune_scan.py) set this to try a configuration; None in normal use.
