@@ -151,15 +151,14 @@ def main():
                      CARRY_IN_MEMORY=True, UNROLL_N=1, PAIRED_BC=False)
     bwd_flags = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, HAS_DLAST=False, WANT_DH0=False,
                      DELTA_SOFTPLUS=True, BLOCK_N=block_n, CARRY_IN_MEMORY=True, ATOMIC_BC=True, UNROLL_N=1,
-                     PAIRED_BC=False, VEC_RED=False, FLIP_ADJOINT=False, FLIP_ASM=False)
+                     PAIRED_BC=False, FLIP_ADJOINT=False, FLIP_ASM=False)
     print(f"sm_{a.arch}, triton {triton.__version__}, d_state {a.d_state}, bf16 activations, z gating, softplus")
     rows = [("fwd scan", triton_fwd._selective_scan_fwd_kernel, c, fwd_flags) for c in FWD]
     rows += [("bwd", triton_bwd._selective_scan_bwd_kernel, c, bwd_flags) for c in BWD]
     for name, kernel, (chunk_l, block_d, warps, stages, unroll, switches), flags in rows:
         constexprs = dict(flags, BLOCK_D=block_d, CHUNK_L=chunk_l, N_STAGES=stages, UNROLL_N=unroll,
                           PAIRED_BC="paired" in switches)
-        if "VEC_RED" in flags:
-            constexprs["VEC_RED"] = "vecred" in switches
+        if "FLIP_ADJOINT" in flags:
             constexprs["FLIP_ADJOINT"] = constexprs["FLIP_ASM"] = "flip" in switches
         name = f"{name} {switches}" if switches else name
         try:

@@ -69,7 +69,7 @@ for w in $what; do
               --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
               --section LaunchStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
               python3 benchmarks/ncu_scan.py > "$OUT/ncu_scan.log" 2>&1; tail -5 "$OUT/ncu_scan.log" ;;
-    tune)   python3 benchmarks/tune_scan.py --budget-s "${TUNE_BUDGET_S:-240}" --out "$OUT/tune_scan.json" 2>&1 | tee "$OUT/tune.log" ;;
+    tune)   python3 benchmarks/tune_scan.py --budget-s "${TUNE_BUDGET_S:-240}" --which "${TUNE_WHICH:-fwd,bwd}" --out "$OUT/tune_scan.json" 2>&1 | tee "$OUT/tune.log" ;;
   esac
   # The tarball after every stage: a call cut off at the device's limit still returns what finished.
   cp benchmarks/results/*.json benchmarks/results/*.png "$OUT"/ 2>/dev/null || true

@@ -39,16 +39,19 @@ SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
 # 256 3.182 / 19.10 / 6.127 (stages 3: 2.566 / 10.08 / 4.580), 128 3.029 / 12.30 / 5.416 (stages 3: 2.891 / 14.65 /
 # 5.375). The per-chunk work (checkpoint and carry loads, the dA read-modify-write, the barrier) outweighs the
 # occupancy: 512 stays.
-# A seventh (2026-11-30, sixth session): two instruction cuts from the sm_90 SASS (kernel_resources.py --sass), each
-# a switch of BlockSizes so that one run compares them: "paired" reads bf16 B and C as int32 pairs (forward state loop
-# 270 -> 254 instructions), "vecred" issues the backward's dB / dC reductions in the values' own layout (817 -> 696;
-# the backward at chunk 256 then needs 180 registers instead of 207).
+# A seventh and eighth (2026-11-30, sixth session; H200, triton 3.6, ms at the three SHAPES): "paired" reads bf16 B
+# and C as int32 pairs (sm_90 forward state loop 274 -> 258 instructions): forward 0.495 / 2.240 / 0.933 -> 0.467 /
+# 2.207 / 0.926, backward 2.496 / 10.06 / 4.330 -> 2.476 / 9.891 / 4.318. Adding dB / dC by inline-PTX vector
+# reductions in the values' own layout (121 instructions fewer per state) made the backward 1.6x slower (4.041 /
+# 13.00 / 6.620): each warp's reduction then covers 32-byte strided halves of twice the sectors, where
+# tl.atomic_add's own layout writes 512 contiguous bytes. Removed. "flip" runs the adjoint as a forward scan over
+# flipped tiles (flip_time: triton 3.6 builds reverse scans from five butterflies per register; backward 1012 -> 796
+# instructions per state).
 # (chunk_l, block_d, num_warps, n_stages, unroll_n, switches)
-FWD = [(512, 1, 1, 1, 1, ""), (512, 1, 1, 1, 1, "paired"), (256, 1, 1, 1, 1, "paired")]
+FWD = [(512, 1, 1, 1, 1, ""), (512, 1, 1, 1, 1, "paired")]
 # Configurations that spill (benchmarks/kernel_resources.py compiles them here, no GPU needed) are left out.
-BWD = [(512, 1, 1, 3, 1, ""), (512, 1, 1, 3, 1, "paired+vecred"), (512, 1, 1, 3, 1, "paired+vecred+flip"),
-       (512, 1, 1, 2, 1, "paired+vecred+flip"), (256, 1, 1, 1, 1, "paired+vecred+flip"),
-       (256, 1, 1, 3, 1, "paired+vecred+flip")]
+BWD = [(512, 1, 1, 3, 1, ""), (512, 1, 1, 3, 1, "paired"), (512, 1, 1, 3, 1, "paired+flip"),
+       (512, 1, 1, 2, 1, "paired+flip"), (256, 1, 1, 3, 1, "paired+flip")]
 
 
 # Backward register caps (maxnreg) tried at the table's backward row with --maxnreg: 255 registers allow 8 warps per
@@ -59,14 +62,13 @@ BWD = [(512, 1, 1, 3, 1, ""), (512, 1, 1, 3, 1, "paired+vecred"), (512, 1, 1, 3,
 
 def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, maxnreg=None, switches=""):
     """Set the configuration; the kernel not being swept gets one channel per program and one warp. ``switches``:
-    "paired" and / or "vecred" (joined by +), BlockSizes.paired_bc and vec_red."""
+    "paired" and / or "flip" (joined by +), BlockSizes.paired_bc and flip_adjoint."""
     fwd = fwd or (1, 1)
     bwd = bwd or (1, 1)
     triton_fwd.BLOCK_SIZE_OVERRIDE = triton_fwd.BlockSizes(chunk_l, fwd[0], fwd[1], bwd[0], bwd[1],
                                                            carry_in_memory=True, atomic_bc=True, n_stages=stages,
                                                            unroll_n=unroll, bwd_n_stages=stages, bwd_maxnreg=maxnreg,
                                                            paired_bc="paired" in switches,
-                                                           vec_red="vecred" in switches,
                                                            flip_adjoint="flip" in switches)
 
 
@@ -136,8 +138,7 @@ def main():
     print(f"tune_scan on {device_name('cuda')}, torch {torch.__version__}", flush=True)
     if a.maxnreg:
         table = triton_fwd.BLOCK_SIZE_TABLE["cuda"]
-        switches = "+".join(name for name, on in (("paired", table.paired_bc), ("vecred", table.vec_red),
-                                                  ("flip", table.flip_adjoint)) if on)
+        switches = "+".join(name for name, on in (("paired", table.paired_bc), ("flip", table.flip_adjoint)) if on)
         row_cfg = (table.chunk_l, table.bwd_block_d, table.bwd_warps, table.bwd_n_stages, table.unroll_n, switches)
         plan = [("bwd", row_cfg, int(m) or None) for m in a.maxnreg.split(",")]
     else:

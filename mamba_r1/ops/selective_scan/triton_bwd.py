@@ -65,27 +65,6 @@ def flip_time(x, CHUNK_L: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def red_add_v4(ptrs, values):
-    """Atomically add float32 ``values`` at ``ptrs`` (relaxed, GPU scope), four consecutive elements per instruction,
-    in the values' own register layout, unmasked; returns a dummy. tl.atomic_add gives the values its own layout (four
-    per thread, a different four) and converts them through shuffles and selects (121 of the backward's 817
-    instructions per state). Inline PTX, GPU only, and only where the launcher's vector_reductions() holds: the
-    elements a thread holds come in runs of four consecutive ones (the 16-byte vector loads' layout, which needs
-    aligned, 16-divisible strides and seqlen), the addresses are 16-byte aligned, every address exists (rows padded to
-    whole chunks) and no element is held by two threads (one warp)."""
-    return tl.inline_asm_elementwise(
-        asm="""
-        red.global.gpu.relaxed.add.v4.f32 [$4], {$8, $9, $10, $11};
-        mov.b32 $0, 0;
-        mov.b32 $1, 0;
-        mov.b32 $2, 0;
-        mov.b32 $3, 0;
-        """,
-        constraints="=r,=r,=r,=r,l,l,l,l,f,f,f,f",
-        args=[ptrs.to(tl.int64), values], dtype=tl.int32, is_pure=False, pack=4)
-
-
-@triton.jit
 def _selective_scan_bwd_kernel(
     # inputs
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, ckpt_ptr, dout_ptr, dlast_ptr,
@@ -97,7 +76,7 @@ def _selective_scan_bwd_kernel(
     # (the last state's gradient, or zeros, at the start)
     dA_part_ptr, dD_part_ptr, ddelta_bias_part_ptr, dB_part_ptr, dC_part_ptr, dh0_ptr, g_carry_ptr,
     # sizes
-    dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks, bc_row_len,
+    dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks,
     # strides of the inputs (time stride 1)
     stride_u_batch, stride_u_dim,
     stride_delta_batch, stride_delta_dim,
@@ -112,8 +91,7 @@ def _selective_scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
     WANT_DH0: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr, ATOMIC_BC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
-    UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr, VEC_RED: tl.constexpr, FLIP_ADJOINT: tl.constexpr,
-    FLIP_ASM: tl.constexpr,
+    UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr, FLIP_ADJOINT: tl.constexpr, FLIP_ASM: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
     pid_batch = tl.program_id(1).to(tl.int64)
@@ -149,9 +127,9 @@ def _selective_scan_bwd_kernel(
     # dB / dC rows of this program, (d_state, seqlen): its own partials at [batch, group, block], or with ATOMIC_BC
     # the shared float32 sums at [batch, group].
     if ATOMIC_BC:
-        dBC_part_offs = (pid_batch * (tl.num_programs(0) // blocks_per_group) + group) * d_state * bc_row_len
+        dBC_part_offs = (pid_batch * (tl.num_programs(0) // blocks_per_group) + group) * d_state * seqlen
     else:
-        dBC_part_offs = (pid_batch * (tl.num_programs(0)) + pid_block) * d_state * bc_row_len
+        dBC_part_offs = (pid_batch * (tl.num_programs(0)) + pid_block) * d_state * seqlen
 
     if HAS_D:
         D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -271,12 +249,8 @@ def _selective_scan_bwd_kernel(
                 tl.store(dA_part_ptr + state_rows + n, dA_n + LN2 * tl.sum(g_decayed * dt, axis=1), mask=mask_d)
             else:
                 dA_acc = tl.where(is_n, dA_acc + LN2 * tl.sum(g_decayed * dt, axis=1)[:, None], dA_acc)
-            part_row = dBC_part_offs + n * bc_row_len + offs_t
-            if ATOMIC_BC and VEC_RED:
-                # Rows padded to whole chunks: no mask (steps past the end add zeros: dt and dout are zero there).
-                red_add_v4(dB_part_ptr + part_row, tl.sum(g_n * dt_u, axis=0))
-                red_add_v4(dC_part_ptr + part_row, tl.sum(dy * h_n, axis=0))
-            elif ATOMIC_BC:
+            part_row = dBC_part_offs + n * seqlen + offs_t
+            if ATOMIC_BC:
                 tl.atomic_add(dB_part_ptr + part_row, tl.sum(g_n * dt_u, axis=0), mask=mask_t, sem="relaxed")
                 tl.atomic_add(dC_part_ptr + part_row, tl.sum(dy * h_n, axis=0), mask=mask_t, sem="relaxed")
             else:
@@ -326,19 +300,6 @@ def _selective_scan_bwd_kernel(
         tl.store(dh0_ptr + state_offs, tl.exp(delta_0[:, None] * A) * g_carry, mask=mask_dn)
 
 
-def vector_reductions(sizes, seqlen: int, tensors) -> bool:
-    """Whether the backward may add dB / dC with red_add_v4: the table asks for it (with atomics and one warp), the
-    kernels run on a GPU, and every (batch, dim, seqlen) tile the kernel reads or writes (``tensors``; None skipped)
-    is 16-byte aligned with strides and seqlen divisible by 16, which is what gives the kernel's tiles the vector
-    loads' layout (runs of 8 bf16 or 4 float32 steps per thread) that red_add_v4 relies on."""
-    if not (sizes.vec_red and sizes.atomic_bc and sizes.bwd_warps == 1 and sizes.chunk_l % 16 == 0):
-        return False
-    if interpreting() or seqlen % 16:
-        return False
-    return all(t.data_ptr() % 16 == 0 and all(stride % 16 == 0 for stride in t.stride()[:-1])
-               for t in tensors if t is not None)
-
-
 def selective_scan_bwd_launch(
     dout: torch.Tensor,  # (batch, dim, seqlen), time stride 1
     dlast: torch.Tensor | None,  # (batch, dim, d_state) float32 contiguous
@@ -376,12 +337,9 @@ def selective_scan_bwd_launch(
         g_carry = None
     dD_part = torch.empty(batch, dim, **f32) if D is not None else None
     ddelta_bias_part = torch.empty(batch, dim, **f32) if delta_bias is not None else None
-    vec_red = vector_reductions(sizes, seqlen, (u, delta, dout, z, du, ddelta, dz))
-    # The vector reductions are unmasked: their rows run to the end of the last chunk.
-    bc_row_len = n_chunks * sizes.chunk_l if vec_red else seqlen
     if sizes.atomic_bc:
-        dB_part = torch.zeros(batch, groups, 1, d_state, bc_row_len, **f32)
-        dC_part = torch.zeros(batch, groups, 1, d_state, bc_row_len, **f32)
+        dB_part = torch.zeros(batch, groups, 1, d_state, seqlen, **f32)
+        dC_part = torch.zeros(batch, groups, 1, d_state, seqlen, **f32)
     else:
         dB_part = torch.empty(batch, groups, blocks_per_group, d_state, seqlen, **f32)
         dC_part = torch.empty(batch, groups, blocks_per_group, d_state, seqlen, **f32)
@@ -401,7 +359,7 @@ def selective_scan_bwd_launch(
         u, delta, A, B, C, ptr(D), z_arg, ptr(delta_bias), ckpt, dout, ptr(dlast),
         du, ddelta, dz_arg,
         dA_part, ptr(dD_part), ptr(ddelta_bias_part), dB_part, dC_part, ptr(dh0), ptr(g_carry),
-        dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks, bc_row_len,
+        dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks,
         u.stride(0), u.stride(1),
         delta.stride(0), delta.stride(1),
         A.stride(0), A.stride(1),
@@ -416,7 +374,7 @@ def selective_scan_bwd_launch(
         HAS_DLAST=dlast is not None, WANT_DH0=want_dinitial_state, DELTA_SOFTPLUS=delta_softplus,
         CARRY_IN_MEMORY=sizes.carry_in_memory, ATOMIC_BC=sizes.atomic_bc,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
-        N_STAGES=sizes.bwd_n_stages, UNROLL_N=sizes.unroll_n, PAIRED_BC=pairs is not None, VEC_RED=vec_red,
+        N_STAGES=sizes.bwd_n_stages, UNROLL_N=sizes.unroll_n, PAIRED_BC=pairs is not None,
         FLIP_ADJOINT=sizes.flip_adjoint,
         FLIP_ASM=(sizes.flip_adjoint and block_d == 1 and sizes.bwd_warps == 1 and sizes.chunk_l in (256, 512, 1024)
                   and not interpreting()),
@@ -424,8 +382,8 @@ def selective_scan_bwd_launch(
     )
     return {
         "A": dA_part.sum(0),
-        "B": dB_part[:, :, 0, :, :seqlen] if sizes.atomic_bc else dB_part.sum(2),
-        "C": dC_part[:, :, 0, :, :seqlen] if sizes.atomic_bc else dC_part.sum(2),
+        "B": dB_part[:, :, 0] if sizes.atomic_bc else dB_part.sum(2),
+        "C": dC_part[:, :, 0] if sizes.atomic_bc else dC_part.sum(2),
         "D": dD_part.sum(0) if D is not None else None,
         "delta_bias": ddelta_bias_part.sum(0) if delta_bias is not None else None,
         "initial_state": dh0,

@@ -51,10 +51,6 @@ class BlockSizes:
     # instead of the compiler's bf16 unpacking (three ops per pair): 16 instructions fewer per state in the forward's
     # state loop (sm_90, kernel_resources.py --sass). Used when both are bfloat16 with even seqlen and strides.
     paired_bc: bool = False
-    # GPU: the backward adds dB / dC with vector reductions issued in the values' own register layout (inline PTX,
-    # red_add_v4 in triton_bwd.py) instead of tl.atomic_add, which converts them into its own layout through
-    # shuffles and selects: 121 of 817 instructions per state. Needs atomic_bc, one warp, seqlen % 4 == 0.
-    vec_red: bool = False
     # Backward: run the adjoint as a forward scan over time-reversed tiles (flip_time in triton_bwd.py: one shuffle
     # per register on a GPU with one channel and one warp) instead of tl.associative_scan(reverse=True), whose flips
     # Triton 3.6 builds from five butterfly shuffles per register (245 of the state loop's 853 instructions, sm_90).
@@ -79,7 +75,7 @@ class BlockSizes:
 # kernels use different block_d on purpose.
 BLOCK_SIZE_TABLE = {
     "cuda": BlockSizes(chunk_l=512, fwd_block_d=1, fwd_warps=1, bwd_block_d=1, bwd_warps=1, carry_in_memory=True,
-                       atomic_bc=True, bwd_n_stages=3, paired_bc=True, vec_red=True, flip_adjoint=True),
+                       atomic_bc=True, bwd_n_stages=3, paired_bc=True, flip_adjoint=True),
     "interpret": BlockSizes(chunk_l=8, fwd_block_d=2, fwd_warps=1, bwd_block_d=4, bwd_warps=1),
 }
 # Tuning scripts (benchmarks/tune_scan.py) set this to try a configuration; None in normal use.
