@@ -48,10 +48,10 @@ SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
 # flipped tiles (flip_time: triton 3.6 builds reverse scans from five butterflies per register; backward 1012 -> 796
 # instructions per state).
 # (chunk_l, block_d, num_warps, n_stages, unroll_n, switches)
-FWD = [(512, 1, 1, 1, 1, ""), (512, 1, 1, 1, 1, "paired")]
+FWD = [(512, 1, 1, 1, 1, ""), (512, 1, 1, 1, 1, "paired"), (512, 1, 1, 1, 1, "paired+edge")]
 # Configurations that spill (benchmarks/kernel_resources.py compiles them here, no GPU needed) are left out.
-BWD = [(512, 1, 1, 3, 1, ""), (512, 1, 1, 3, 1, "paired"), (512, 1, 1, 3, 1, "paired+flip"),
-       (512, 1, 1, 2, 1, "paired+flip"), (256, 1, 1, 3, 1, "paired+flip")]
+BWD = [(512, 1, 1, 3, 1, ""), (512, 1, 1, 3, 1, "paired+flip"), (512, 1, 1, 3, 1, "paired+flip+edge"),
+       (512, 1, 1, 2, 1, "paired+flip+edge")]
 
 
 # Backward register caps (maxnreg) tried at the table's backward row with --maxnreg: 255 registers allow 8 warps per
@@ -62,14 +62,15 @@ BWD = [(512, 1, 1, 3, 1, ""), (512, 1, 1, 3, 1, "paired"), (512, 1, 1, 3, 1, "pa
 
 def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, maxnreg=None, switches=""):
     """Set the configuration; the kernel not being swept gets one channel per program and one warp. ``switches``:
-    "paired" and / or "flip" (joined by +), BlockSizes.paired_bc and flip_adjoint."""
+    "paired", "flip", "edge" (joined by +): BlockSizes.paired_bc, flip_adjoint, edge_asm."""
     fwd = fwd or (1, 1)
     bwd = bwd or (1, 1)
     triton_fwd.BLOCK_SIZE_OVERRIDE = triton_fwd.BlockSizes(chunk_l, fwd[0], fwd[1], bwd[0], bwd[1],
                                                            carry_in_memory=True, atomic_bc=True, n_stages=stages,
                                                            unroll_n=unroll, bwd_n_stages=stages, bwd_maxnreg=maxnreg,
                                                            paired_bc="paired" in switches,
-                                                           flip_adjoint="flip" in switches)
+                                                           flip_adjoint="flip" in switches,
+                                                           edge_asm="edge" in switches)
 
 
 class Checker:
@@ -138,7 +139,8 @@ def main():
     print(f"tune_scan on {device_name('cuda')}, torch {torch.__version__}", flush=True)
     if a.maxnreg:
         table = triton_fwd.BLOCK_SIZE_TABLE["cuda"]
-        switches = "+".join(name for name, on in (("paired", table.paired_bc), ("flip", table.flip_adjoint)) if on)
+        switches = "+".join(name for name, on in (("paired", table.paired_bc), ("flip", table.flip_adjoint),
+                                                  ("edge", table.edge_asm)) if on)
         row_cfg = (table.chunk_l, table.bwd_block_d, table.bwd_warps, table.bwd_n_stages, table.unroll_n, switches)
         plan = [("bwd", row_cfg, int(m) or None) for m in a.maxnreg.split(",")]
     else:

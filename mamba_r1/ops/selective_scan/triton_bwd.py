@@ -22,46 +22,17 @@ import torch
 import triton
 import triton.language as tl
 
-from mamba_r1.ops.selective_scan.triton_fwd import (LN2, LOG2E, affine_combine, bf16_pairs, block_sizes,
-                                                     interpreting, load_state_row, softplus)
-
-
-def _lane_flip_asm(pack: int) -> str:
-    """PTX reversing ``pack`` 32-bit registers of every lane and exchanging lane i with lane 31 - i."""
-    return "\n".join(f"shfl.sync.bfly.b32 ${j}, ${2 * pack - 1 - j}, 31, 31, -1;" for j in range(pack))
-
-
-# One flip per chunk length (elements per thread = CHUNK_L / 32 with one channel and one warp).
-_FLIP_ASM_8 = tl.constexpr(_lane_flip_asm(8))
-_FLIP_ASM_16 = tl.constexpr(_lane_flip_asm(16))
-_FLIP_ASM_32 = tl.constexpr(_lane_flip_asm(32))
-_FLIP_CONSTRAINTS_8 = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 8))
-_FLIP_CONSTRAINTS_16 = tl.constexpr(",".join(["=r"] * 16 + ["r"] * 16))
-_FLIP_CONSTRAINTS_32 = tl.constexpr(",".join(["=r"] * 32 + ["r"] * 32))
-
-
-@triton.jit
-def flip_time(x, CHUNK_L: tl.constexpr, ASM: tl.constexpr):
-    """x (BLOCK_D, CHUNK_L) reversed along time. ASM (one channel, one warp, CHUNK_L 256-1024; GPU only): a thread's
-    CHUNK_L / 32 elements sit at the positions whose bits are its lane bits and register bits, and reversing 0..511
-    complements every bit, so the flip is lane ^ 31 (one shuffle per register) with the thread's registers in reverse
-    order, whatever the layout; tl.flip (here and in Triton 3.6's reverse scans) spends five butterfly shuffles per
-    register. Otherwise tl.flip."""
-    if ASM:
-        bits = x.to(tl.int32, bitcast=True)
-        if CHUNK_L == 256:
-            bits = tl.inline_asm_elementwise(_FLIP_ASM_8, _FLIP_CONSTRAINTS_8, [bits], dtype=tl.int32,
-                                             is_pure=True, pack=8)
-        elif CHUNK_L == 512:
-            bits = tl.inline_asm_elementwise(_FLIP_ASM_16, _FLIP_CONSTRAINTS_16, [bits], dtype=tl.int32,
-                                             is_pure=True, pack=16)
-        else:
-            tl.static_assert(CHUNK_L == 1024, "flip_time(ASM=True) takes chunks of 256, 512 or 1024 steps")
-            bits = tl.inline_asm_elementwise(_FLIP_ASM_32, _FLIP_CONSTRAINTS_32, [bits], dtype=tl.int32,
-                                             is_pure=True, pack=32)
-        return bits.to(tl.float32, bitcast=True)
-    else:
-        return tl.flip(x, 1)
+from mamba_r1.ops.selective_scan.lane_asm import flip_time, lane_asm, store_edge
+from mamba_r1.ops.selective_scan.triton_fwd import (
+    LN2,
+    LOG2E,
+    affine_combine,
+    bf16_pairs,
+    block_sizes,
+    interpreting,
+    load_state_row,
+    softplus,
+)
 
 
 @triton.jit
@@ -91,7 +62,8 @@ def _selective_scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
     WANT_DH0: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr, ATOMIC_BC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
-    UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr, FLIP_ADJOINT: tl.constexpr, FLIP_ASM: tl.constexpr,
+    UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr, FLIP_ADJOINT: tl.constexpr, LANE_ASM: tl.constexpr,
+    EDGE_ASM: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
     pid_batch = tl.program_id(1).to(tl.int64)
@@ -182,7 +154,7 @@ def _selective_scan_bwd_kernel(
         if FLIP_ADJOINT:
             # The adjoint runs as a forward scan over reversed time: its decays reversed once per chunk here, its
             # inputs and result once per state below.
-            dt_next = flip_time(dt_next, CHUNK_L, FLIP_ASM)
+            dt_next = flip_time(dt_next, CHUNK_L, LANE_ASM)
         dout = tl.load(dout_rows + offs_t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(z_rows + offs_t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
@@ -224,18 +196,18 @@ def _selective_scan_bwd_kernel(
             decay_next = tl.exp2(dt_next * A_n[:, None])
             if FLIP_ADJOINT:
                 # Reversed time s = CHUNK_L - 1 - t: G_s = dyC_s + decay_next_s G_{s-1}, the chunk's last step first.
-                dy_C = flip_time(dy * C_n[None, :], CHUNK_L, FLIP_ASM)
+                dy_C = flip_time(dy * C_n[None, :], CHUNK_L, LANE_ASM)
                 dy_C = tl.where(offs_l[None, :] == 0, dy_C + decay_next * g_end[:, None], dy_C)
                 _, g_n = tl.associative_scan((decay_next, dy_C), 1, affine_combine)
-                g_n = flip_time(g_n, CHUNK_L, FLIP_ASM)
+                g_n = flip_time(g_n, CHUNK_L, LANE_ASM)
             else:
                 dy_C = dy * C_n[None, :]
                 dy_C = tl.where(offs_l[None, :] == CHUNK_L - 1, dy_C + decay_next * g_end[:, None], dy_C)
                 _, g_n = tl.associative_scan((decay_next, dy_C), 1, affine_combine, reverse=True)
             if CARRY_IN_MEMORY:
                 # The thread holding the chunk's first column stores it for the chunk to the left.
-                tl.store(g_carry_ptr + state_rows[:, None] + n + offs_l[None, :] * 0, g_n,
-                         mask=mask_d[:, None] & (offs_l[None, :] == 0))
+                store_edge(g_carry_ptr + state_rows[:, None] + n + offs_l[None, :] * 0, g_n,
+                           mask_d[:, None], False, CHUNK_L, EDGE_ASM)
             else:
                 g_first = tl.sum(tl.where(offs_l[None, :] == 0, g_n, 0.0), axis=1)
                 g_carry = tl.where(is_n, g_first[:, None], g_carry)
@@ -353,6 +325,7 @@ def selective_scan_bwd_launch(
     pairs = bf16_pairs(B, C) if sizes.paired_bc else None
     if pairs is not None:
         B, C = pairs  # (batch, groups, d_state, seqlen / 2) int32
+    lane_asm_ok = lane_asm(block_d, sizes.bwd_warps, sizes.chunk_l, interpreting())
     grid = (groups * blocks_per_group, batch)
     launch_options = {} if sizes.bwd_maxnreg is None else {"maxnreg": sizes.bwd_maxnreg}
     _selective_scan_bwd_kernel[grid](
@@ -376,8 +349,7 @@ def selective_scan_bwd_launch(
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
         N_STAGES=sizes.bwd_n_stages, UNROLL_N=sizes.unroll_n, PAIRED_BC=pairs is not None,
         FLIP_ADJOINT=sizes.flip_adjoint,
-        FLIP_ASM=(sizes.flip_adjoint and block_d == 1 and sizes.bwd_warps == 1 and sizes.chunk_l in (256, 512, 1024)
-                  and not interpreting()),
+        LANE_ASM=lane_asm_ok, EDGE_ASM=sizes.edge_asm and lane_asm_ok,
         num_warps=sizes.bwd_warps, **launch_options,
     )
     return {

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mamba_r1.ops.selective_scan.lane_asm import lane_asm, store_edge
 from mamba_r1.ops.triton_runtime import built_for_interpreter
 
 
@@ -55,6 +56,10 @@ class BlockSizes:
     # per register on a GPU with one channel and one warp) instead of tl.associative_scan(reverse=True), whose flips
     # Triton 3.6 builds from five butterfly shuffles per register (245 of the state loop's 853 instructions, sm_90).
     flip_adjoint: bool = False
+    # GPU, one channel per program on one warp: store each chunk's edge column (the forward's end state, the
+    # backward's first-step adjoint) from the register that holds it (lane_asm.store_edge) instead of a masked
+    # tl.store, which converts the tile through shared memory first.
+    edge_asm: bool = False
 
 
 # GPU tuning edits this table only. "cuda": from two sweeps with benchmarks/tune_scan.py on an H200 (2026-11-30, bf16;
@@ -75,7 +80,7 @@ class BlockSizes:
 # kernels use different block_d on purpose.
 BLOCK_SIZE_TABLE = {
     "cuda": BlockSizes(chunk_l=512, fwd_block_d=1, fwd_warps=1, bwd_block_d=1, bwd_warps=1, carry_in_memory=True,
-                       atomic_bc=True, bwd_n_stages=3, paired_bc=True, flip_adjoint=True),
+                       atomic_bc=True, bwd_n_stages=3, paired_bc=True, flip_adjoint=True, edge_asm=True),
     "interpret": BlockSizes(chunk_l=8, fwd_block_d=2, fwd_warps=1, bwd_block_d=4, bwd_warps=1),
 }
 # Tuning scripts (benchmarks/tune_scan.py) set this to try a configuration; None in normal use.
@@ -167,7 +172,7 @@ def _selective_scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
-    UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr,
+    UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr, EDGE_ASM: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
     pid_batch = tl.program_id(1).to(tl.int64)
@@ -258,8 +263,7 @@ def _selective_scan_fwd_kernel(
                 # The chunk's last column is the next chunk's checkpoint (or the last state after the last chunk):
                 # the thread holding that column stores it, no reduction across threads.
                 end_ptr = tl.where(chunk + 1 < n_chunks, ckpt_rows + (chunk + 1) * d_state + n, last_rows + n)
-                tl.store(end_ptr[:, None] + offs_l[None, :] * 0, h_n,
-                         mask=mask_d[:, None] & (offs_l[None, :] == CHUNK_L - 1))
+                store_edge(end_ptr[:, None] + offs_l[None, :] * 0, h_n, mask_d[:, None], True, CHUNK_L, EDGE_ASM)
             else:
                 h_end = tl.sum(tl.where(offs_l[None, :] == CHUNK_L - 1, h_n, 0.0), axis=1)
                 h = tl.where(is_n, h_end[:, None], h)
@@ -318,6 +322,7 @@ def selective_scan_fwd_launch(
         HAS_H0=initial_state is not None, DELTA_SOFTPLUS=delta_softplus, CARRY_IN_MEMORY=sizes.carry_in_memory,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
         N_STAGES=sizes.n_stages, UNROLL_N=sizes.unroll_n, PAIRED_BC=pairs is not None,
+        EDGE_ASM=sizes.edge_asm and lane_asm(block_d, sizes.fwd_warps, sizes.chunk_l, interpreting()),
         num_warps=sizes.fwd_warps,
     )
     return last_state, ckpt
