@@ -45,8 +45,13 @@ SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
 # reductions in the values' own layout (121 instructions fewer per state) made the backward 1.6x slower (4.041 /
 # 13.00 / 6.620): each warp's reduction then covers 32-byte strided halves of twice the sectors, where
 # tl.atomic_add's own layout writes 512 contiguous bytes. Removed. "flip" runs the adjoint as a forward scan over
-# flipped tiles (flip_time: triton 3.6 builds reverse scans from five butterflies per register; backward 1012 -> 796
-# instructions per state).
+# flipped tiles (lane_asm.flip_time: triton 3.6 builds reverse scans from five butterflies per register; backward
+# 1009 -> 811 instructions per state): backward 2.477 / 9.863 / 4.271 -> 2.186 / 8.103 / 3.432 with paired (call 4).
+# "edge" stores each chunk's edge column from its register (no shared-memory conversion, no barrier per state), call
+# 5: forward 0.499 / 2.288 / 0.945 (none) -> 0.471 / 2.260 / 0.939 (paired) -> 0.440 / 2.100 / 0.893 (paired+edge);
+# backward 2.442 / 9.845 / 4.252 (none) -> 2.099 / 8.009 / 3.414 (paired+flip) -> 2.065 / 7.916 / 3.359 (+edge);
+# stages 2 instead of 3 with all three: 2.185 / 8.599 / 3.636. Chunk 256 with paired+flip (call 4): backward 2.150 /
+# 8.007 / 3.543, but the forward at 256 is 0.570 ms: the two must share the chunk, so 512 stays.
 # (chunk_l, block_d, num_warps, n_stages, unroll_n, switches)
 FWD = [(512, 1, 1, 1, 1, ""), (512, 1, 1, 1, 1, "paired"), (512, 1, 1, 1, 1, "paired+edge")]
 # Configurations that spill (benchmarks/kernel_resources.py compiles them here, no GPU needed) are left out.

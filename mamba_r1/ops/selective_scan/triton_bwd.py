@@ -3,9 +3,12 @@
 Same program layout as the forward (triton_fwd.py): one program per (batch, group, block of BLOCK_D channels), walking
 the chunks of CHUNK_L time steps, here from last to first. Per chunk and state n it
   1. recomputes the chunk's forward states h_t from the checkpointed chunk-start state (a forward scan),
-  2. runs the adjoint recurrence g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1} as a reverse scan, carrying g across chunks
+  2. runs the adjoint recurrence g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1} right to left, carrying g across chunks
      in a (BLOCK_D, BLOCK_N) float32 register tile, or (``carry_in_memory``, the GPU table's choice) in a
-     (batch, dim, d_state) float32 buffer that the thread holding a chunk's first column writes,
+     (batch, dim, d_state) float32 buffer that the thread holding a chunk's first column writes. Either as a reverse
+     scan, or (``flip_adjoint``, the GPU table's choice) as a forward scan over time-reversed tiles: the decays
+     flipped once per chunk, dy C and the result once per state (lane_asm.flip_time: one shuffle per register on a
+     GPU, where Triton 3.6's reverse scan spends five),
   3. turns (g, h) into gradients. With x_t = dt_t B_t u_t the input of step t, dL/dx_t = g_t, and the decayed previous
      state is exp(dt_t A) h_{t-1} = h_t - x_t, so no shifted copy of h is ever needed:
         ddt_t += sum_n g_t (A (h_t - x_t) + B_t u_t)      dA += sum_t g_t (h_t - x_t) dt_t

@@ -76,6 +76,11 @@ class BlockSizes:
 # first shape), a fifth: stages 3 in the backward 1-2% faster than 2 at all three; forward stages 2 now 2-8% slower.
 # Several channels in one warp lost everywhere (0.92-1.0 ms against 0.65 at the first shape), and so did a
 # step-by-step forward with each (channel, state) pair's state in registers (1.2-9.2x slower; removed).
+# A sixth to eighth (2026-11-30, sixth session; ms at the three shapes, H200, triton 3.6): bf16 B and C read as int32
+# pairs (paired_bc), the adjoint as a forward scan over flipped tiles (flip_adjoint) and the chunk edges stored from
+# their registers (edge_asm): forward 0.499 / 2.288 / 0.945 -> 0.440 / 2.100 / 0.893, backward 2.442 / 9.845 / 4.252
+# -> 2.065 / 7.916 / 3.359 (benchmarks/RESULTS.md, "sixth session"). dB / dC added by inline-PTX vector reductions in
+# the tiles' own layout lost (backward 1.6x slower: uncoalesced atomics) and were removed.
 # Under the interpreter the blocks are tiny so that small test shapes cross many chunk and block edges, and the two
 # kernels use different block_d on purpose.
 BLOCK_SIZE_TABLE = {
