@@ -50,7 +50,7 @@ def _selective_scan_bwd_kernel(
     # (the last state's gradient, or zeros, at the start)
     dA_part_ptr, dD_part_ptr, ddelta_bias_part_ptr, dB_part_ptr, dC_part_ptr, dh0_ptr, g_carry_ptr,
     # sizes
-    dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks,
+    dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks, bc_row_len,
     # strides of the inputs (time stride 1)
     stride_u_batch, stride_u_dim,
     stride_delta_batch, stride_delta_dim,
@@ -102,9 +102,9 @@ def _selective_scan_bwd_kernel(
     # dB / dC rows of this program, (d_state, seqlen): its own partials at [batch, group, block], or with ATOMIC_BC
     # the shared float32 sums at [batch, group].
     if ATOMIC_BC:
-        dBC_part_offs = (pid_batch * (tl.num_programs(0) // blocks_per_group) + group) * d_state * seqlen
+        dBC_part_offs = (pid_batch * (tl.num_programs(0) // blocks_per_group) + group) * d_state * bc_row_len
     else:
-        dBC_part_offs = (pid_batch * (tl.num_programs(0)) + pid_block) * d_state * seqlen
+        dBC_part_offs = (pid_batch * (tl.num_programs(0)) + pid_block) * d_state * bc_row_len
 
     if HAS_D:
         D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -224,10 +224,12 @@ def _selective_scan_bwd_kernel(
                 tl.store(dA_part_ptr + state_rows + n, dA_n + LN2 * tl.sum(g_decayed * dt, axis=1), mask=mask_d)
             else:
                 dA_acc = tl.where(is_n, dA_acc + LN2 * tl.sum(g_decayed * dt, axis=1)[:, None], dA_acc)
-            part_row = dBC_part_offs + n * seqlen + offs_t
+            part_row = dBC_part_offs + n * bc_row_len + offs_t
             if ATOMIC_BC:
-                tl.atomic_add(dB_part_ptr + part_row, tl.sum(g_n * dt_u, axis=0), mask=mask_t, sem="relaxed")
-                tl.atomic_add(dC_part_ptr + part_row, tl.sum(dy * h_n, axis=0), mask=mask_t, sem="relaxed")
+                # The atomics' rows run to the end of the last chunk, so they need no mask (a masked atomic is a
+                # branch around each instruction); past seqlen dt and dout are zero and the terms add zeros.
+                tl.atomic_add(dB_part_ptr + part_row, tl.sum(g_n * dt_u, axis=0), sem="relaxed")
+                tl.atomic_add(dC_part_ptr + part_row, tl.sum(dy * h_n, axis=0), sem="relaxed")
             else:
                 tl.store(dB_part_ptr + part_row, tl.sum(g_n * dt_u, axis=0), mask=mask_t)
                 tl.store(dC_part_ptr + part_row, tl.sum(dy * h_n, axis=0), mask=mask_t)
@@ -312,9 +314,11 @@ def selective_scan_bwd_launch(
         g_carry = None
     dD_part = torch.empty(batch, dim, **f32) if D is not None else None
     ddelta_bias_part = torch.empty(batch, dim, **f32) if delta_bias is not None else None
+    # The atomics' rows run to the end of the last chunk (unmasked in the kernel); the partials' are seqlen long.
+    bc_row_len = n_chunks * sizes.chunk_l if sizes.atomic_bc else seqlen
     if sizes.atomic_bc:
-        dB_part = torch.zeros(batch, groups, 1, d_state, seqlen, **f32)
-        dC_part = torch.zeros(batch, groups, 1, d_state, seqlen, **f32)
+        dB_part = torch.zeros(batch, groups, 1, d_state, bc_row_len, **f32)
+        dC_part = torch.zeros(batch, groups, 1, d_state, bc_row_len, **f32)
     else:
         dB_part = torch.empty(batch, groups, blocks_per_group, d_state, seqlen, **f32)
         dC_part = torch.empty(batch, groups, blocks_per_group, d_state, seqlen, **f32)
@@ -335,7 +339,7 @@ def selective_scan_bwd_launch(
         u, delta, A, B, C, ptr(D), z_arg, ptr(delta_bias), ckpt, dout, ptr(dlast),
         du, ddelta, dz_arg,
         dA_part, ptr(dD_part), ptr(ddelta_bias_part), dB_part, dC_part, ptr(dh0), ptr(g_carry),
-        dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks,
+        dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks, bc_row_len,
         u.stride(0), u.stride(1),
         delta.stride(0), delta.stride(1),
         A.stride(0), A.stride(1),
@@ -357,8 +361,8 @@ def selective_scan_bwd_launch(
     )
     return {
         "A": dA_part.sum(0),
-        "B": dB_part[:, :, 0] if sizes.atomic_bc else dB_part.sum(2),
-        "C": dC_part[:, :, 0] if sizes.atomic_bc else dC_part.sum(2),
+        "B": dB_part[:, :, 0, :, :seqlen].contiguous() if sizes.atomic_bc else dB_part.sum(2),
+        "C": dC_part[:, :, 0, :, :seqlen].contiguous() if sizes.atomic_bc else dC_part.sum(2),
         "D": dD_part.sum(0) if D is not None else None,
         "delta_bias": ddelta_bias_part.sum(0) if delta_bias is not None else None,
         "initial_state": dh0,
