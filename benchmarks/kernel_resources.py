@@ -2,7 +2,10 @@
 
 Triton compiles for a named target (here sm_90, Hopper) on any machine: ptxas ships with it. Register pressure decides
 occupancy and spills, which is most of what can be learned about these kernels before a GPU run, and costs no device
-time. The versions differ from the lent machine's (its Triton may be older), so treat the figures as close, not exact.
+time. Compile with the lent machine's Triton, not this venv's: the SASS can differ a lot (triton 3.6 builds reverse
+scans from five butterfly shuffles per register, 3.9 from one; the backward's state loop was 1,009 instructions
+under 3.6 and 815 under 3.9). The image had triton 3.6.0 in 2026-11:
+    pip install --no-deps --target /tmp/t36 triton==3.6.0 && PYTHONPATH=/tmp/t36 python benchmarks/kernel_resources.py
 
 The launch on a GPU specialises every pointer and every size or stride that is a multiple of 16 as 16-divisible, and
 the layouts follow (16-byte vector loads: 8 bf16 steps per thread). Compiled without those hints a kernel gets

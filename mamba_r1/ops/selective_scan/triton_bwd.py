@@ -16,7 +16,8 @@ the chunks of CHUNK_L time steps, here from last to first. Per chunk and state n
 Sums over batch and time (dA, dD, ddelta_bias) go to per-program float32 partial buffers that the caller reduces
 with torch. Sums over channels (dB, dC) go to per-program partials too (deterministic), or, with ``atomic_bc`` (the
 GPU table's choice: with one channel per program the partials would be dim copies of B), are added atomically into
-one float32 buffer, so dB and dC may differ in the last bits from run to run.
+one float32 buffer whose rows run to the end of the last chunk (so the atomics need no mask), and dB and dC may then
+differ in the last bits from run to run.
 """
 
 from __future__ import annotations
