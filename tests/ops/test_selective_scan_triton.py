@@ -160,6 +160,22 @@ def test_large_d_state_matches_float64_reference(dtype, shape):
     check_against_reference(args, delta_softplus=True, return_last_state=True, dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["registers", "memory"])
+def test_whole_chunks_and_channel_blocks_run_unmasked(dtype, variant):
+    """seqlen a multiple of the chunk and channels a multiple of the block: the kernels compile without masks (EVEN)."""
+    from mamba_r1.ops.selective_scan import triton_fwd
+
+    sizes = triton_fwd.block_sizes()
+    seqlen, dim = 2 * sizes.chunk_l, 4 * max(sizes.fwd_block_d, sizes.bwd_block_d)
+    for block_d in (sizes.fwd_block_d, sizes.bwd_block_d):
+        assert triton_fwd.even_tiles(seqlen, sizes.chunk_l, dim, min(block_d, dim))
+    assert not triton_fwd.even_tiles(seqlen + 1, sizes.chunk_l, dim, 1)
+    args = make_inputs(2, dim, seqlen, 3, groups=1, dtype=dtype)
+    with block_sizes_variant(variant):
+        check_against_reference(args, delta_softplus=True, return_last_state=True, dtype=dtype)
+
+
 def test_bf16_long_sequence_stays_finite_and_accurate():
     args = make_inputs(1, 3, 300, 2, dtype=torch.bfloat16)
     check_against_reference(args, delta_softplus=True, return_last_state=True, dtype=torch.bfloat16)

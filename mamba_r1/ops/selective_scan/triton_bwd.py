@@ -33,6 +33,7 @@ from mamba_r1.ops.selective_scan.triton_fwd import (
     affine_combine,
     bf16_pairs,
     block_sizes,
+    even_tiles,
     interpreting,
     load_state_row,
     softplus,
@@ -67,7 +68,7 @@ def _selective_scan_bwd_kernel(
     WANT_DH0: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr, ATOMIC_BC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
     UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr, FLIP_ADJOINT: tl.constexpr, LANE_ASM: tl.constexpr,
-    EDGE_ASM: tl.constexpr,
+    EDGE_ASM: tl.constexpr, EVEN: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
     pid_batch = tl.program_id(1).to(tl.int64)
@@ -75,7 +76,7 @@ def _selective_scan_bwd_kernel(
     block = pid_block % blocks_per_group
 
     offs_in_group = block * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_in_group < dim_per_group
+    mask_d = (offs_in_group < dim_per_group) | EVEN  # EVEN: constant true, so the compiler drops the masks
     offs_d = group * dim_per_group + offs_in_group  # channel index in [0, dim)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < d_state
@@ -128,7 +129,7 @@ def _selective_scan_bwd_kernel(
             # The chunk to the right stored its first-step adjoints from other threads of this program.
             tl.debug_barrier()
         offs_t = chunk * CHUNK_L + offs_l
-        mask_t = offs_t < seqlen
+        mask_t = (offs_t < seqlen) | EVEN
         mask_dt = mask_d[:, None] & mask_t[None, :]
         mask_next = mask_d[:, None] & (offs_t[None, :] + 1 < seqlen)
         # Registers are what limits this kernel (255 per thread at one channel x 512 steps): only dt, dt_u, dt_next,
@@ -178,8 +179,10 @@ def _selective_scan_bwd_kernel(
         # Unrolling / pipelining the state loop lets one state's loads of B and C and its scan overlap another's.
         for n in tl.range(0, d_state, num_stages=N_STAGES, loop_unroll_factor=UNROLL_N):
             A_n = tl.load(A_rows + n * stride_A_state, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
-            B_n = load_state_row(B_group + n * stride_B_state, chunk, seqlen, offs_t, mask_t, CHUNK_L, PAIRED_BC)
-            C_n = load_state_row(C_group + n * stride_C_state, chunk, seqlen, offs_t, mask_t, CHUNK_L, PAIRED_BC)
+            B_n = load_state_row(B_group + n * stride_B_state, chunk, seqlen, offs_t, mask_t, CHUNK_L,
+                                 PAIRED_BC, EVEN)
+            C_n = load_state_row(C_group + n * stride_C_state, chunk, seqlen, offs_t, mask_t, CHUNK_L,
+                                 PAIRED_BC, EVEN)
             # 1. forward states of this chunk from the checkpoint
             h_start = tl.load(ckpt_rows + chunk * d_state + n, mask=mask_d, other=0.0)  # (BLOCK_D,)
             x = dt_u * B_n[None, :]
@@ -297,7 +300,8 @@ def selective_scan_bwd_launch(
     dz: torch.Tensor | None,  # (batch, dim, seqlen), time stride 1: written
 ) -> dict[str, torch.Tensor | None]:
     """Run the backward kernel; return the float32 reduced gradients of A (dim, d_state), B and C
-    (batch, groups, d_state, seqlen), D and delta_bias (dim,), initial_state (batch, dim, d_state) (None where absent)."""
+    (batch, groups, d_state, seqlen), D and delta_bias (dim,), initial_state (batch, dim, d_state) (None where
+    absent)."""
     batch, dim, seqlen = u.shape
     groups, d_state = B.shape[1], A.shape[1]
     sizes = block_sizes()
@@ -358,6 +362,7 @@ def selective_scan_bwd_launch(
         N_STAGES=sizes.bwd_n_stages, UNROLL_N=sizes.unroll_n, PAIRED_BC=pairs is not None,
         FLIP_ADJOINT=sizes.flip_adjoint,
         LANE_ASM=lane_asm_ok, EDGE_ASM=sizes.edge_asm and lane_asm_ok,
+        EVEN=even_tiles(seqlen, sizes.chunk_l, dim_per_group, block_d),
         num_warps=sizes.bwd_warps, **launch_options,
     )
     return {

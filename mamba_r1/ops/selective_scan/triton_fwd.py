@@ -131,18 +131,24 @@ def softplus(x):
 
 
 @triton.jit
-def load_state_row(row_ptr, chunk, seqlen, offs_t, mask_t, CHUNK_L: tl.constexpr, PAIRED: tl.constexpr):
+def load_state_row(row_ptr, chunk, seqlen, offs_t, mask_t, CHUNK_L: tl.constexpr, PAIRED: tl.constexpr,
+                   EVEN: tl.constexpr):
     """One state's row of B or C over this chunk, (CHUNK_L,) float32. With PAIRED the row is bfloat16 seen as int32
     (two steps per element, the earlier step in the low half; seqlen even): a bfloat16 is the top half of a float32,
-    so each half widens with one shift or mask."""
+    so each half widens with one shift or mask. EVEN: every chunk is whole (no mask)."""
     if PAIRED:
         offs_pair = chunk * (CHUNK_L // 2) + tl.arange(0, CHUNK_L // 2)
-        pairs = tl.load(row_ptr + offs_pair, mask=offs_pair < seqlen // 2, other=0)
+        pairs = tl.load(row_ptr + offs_pair, mask=(offs_pair < seqlen // 2) | EVEN, other=0)
         earlier = (pairs << 16).to(tl.float32, bitcast=True)
         later = (pairs & -65536).to(tl.float32, bitcast=True)
         return tl.join(earlier, later).reshape(CHUNK_L)
     else:
         return tl.load(row_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+
+
+def even_tiles(seqlen: int, chunk_l: int, dim_per_group: int, block_d: int) -> bool:
+    """Whether every chunk is whole and every channel block full: the kernels then drop their masks (EVEN)."""
+    return seqlen % chunk_l == 0 and dim_per_group % block_d == 0
 
 
 def bf16_pairs(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -177,7 +183,7 @@ def _selective_scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
-    UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr, EDGE_ASM: tl.constexpr,
+    UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr, EDGE_ASM: tl.constexpr, EVEN: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
     pid_batch = tl.program_id(1).to(tl.int64)
@@ -185,7 +191,7 @@ def _selective_scan_fwd_kernel(
     block = pid_block % blocks_per_group
 
     offs_in_group = block * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_in_group < dim_per_group
+    mask_d = (offs_in_group < dim_per_group) | EVEN  # EVEN: constant true, so the compiler drops the masks
     offs_d = group * dim_per_group + offs_in_group  # channel index in [0, dim)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < d_state
@@ -226,7 +232,7 @@ def _selective_scan_fwd_kernel(
         else:
             tl.store(ckpt_ptr + ckpt_offs + chunk * d_state, h, mask=mask_dn)
         offs_t = chunk * CHUNK_L + offs_l
-        mask_t = offs_t < seqlen
+        mask_t = (offs_t < seqlen) | EVEN
         mask_dt = mask_d[:, None] & mask_t[None, :]
         u = tl.load(u_rows + offs_t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
         dt = tl.load(delta_rows + offs_t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
@@ -249,8 +255,10 @@ def _selective_scan_fwd_kernel(
         # Unrolling / pipelining the state loop lets one state's loads of B and C and its scan overlap another's.
         for n in tl.range(0, d_state, num_stages=N_STAGES, loop_unroll_factor=UNROLL_N):
             A_n = tl.load(A_rows + n * stride_A_state, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
-            B_n = load_state_row(B_group + n * stride_B_state, chunk, seqlen, offs_t, mask_t, CHUNK_L, PAIRED_BC)
-            C_n = load_state_row(C_group + n * stride_C_state, chunk, seqlen, offs_t, mask_t, CHUNK_L, PAIRED_BC)
+            B_n = load_state_row(B_group + n * stride_B_state, chunk, seqlen, offs_t, mask_t, CHUNK_L,
+                                 PAIRED_BC, EVEN)
+            C_n = load_state_row(C_group + n * stride_C_state, chunk, seqlen, offs_t, mask_t, CHUNK_L,
+                                 PAIRED_BC, EVEN)
             decay = tl.exp2(dt * A_n[:, None])
             if CARRY_IN_MEMORY:
                 h_start = tl.load(ckpt_rows + chunk * d_state + n, mask=mask_d, other=0.0)  # (BLOCK_D,)
@@ -328,6 +336,7 @@ def selective_scan_fwd_launch(
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
         N_STAGES=sizes.n_stages, UNROLL_N=sizes.unroll_n, PAIRED_BC=pairs is not None,
         EDGE_ASM=sizes.edge_asm and lane_asm(block_d, sizes.fwd_warps, sizes.chunk_l, interpreting()),
+        EVEN=even_tiles(seqlen, sizes.chunk_l, dim_per_group, block_d),
         num_warps=sizes.fwd_warps,
     )
     return last_state, ckpt
