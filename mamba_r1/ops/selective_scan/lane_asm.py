@@ -26,12 +26,14 @@ def lane_asm(block_d: int, num_warps: int, chunk_l: int, interpreting: bool) -> 
     return block_d == 1 and num_warps == 1 and chunk_l in CHUNKS and not interpreting
 
 
-def _flip_asm(pack: int) -> str:
+@triton.constexpr_function
+def _flip_asm(pack):
     """Outputs $0..$(pack-1) = inputs $(2 pack - 1)..$pack from lane ^ 31."""
     return "\n".join(f"shfl.sync.bfly.b32 ${j}, ${2 * pack - 1 - j}, 31, 31, -1;" for j in range(pack))
 
 
-def _edge_asm(pack: int, last: bool) -> str:
+@triton.constexpr_function
+def _edge_asm(pack, last):
     """Store one element (register pack-1 of lane 31, or register 0 of lane 0) at its own address; dummy outputs."""
     lane, reg = (31, pack - 1) if last else (0, 0)
     ptr, val = pack + reg, 2 * pack + reg  # operands: pack outputs, pack addresses, pack values
@@ -40,12 +42,10 @@ def _edge_asm(pack: int, last: bool) -> str:
             f"setp.eq.u32 %p, %lane, {lane};\n@%p st.global.b32 [${ptr}], ${val};\n{dummies}\n}}")
 
 
-_FLIP_8, _FLIP_16, _FLIP_32 = (tl.constexpr(_flip_asm(p)) for p in (8, 16, 32))
-_FLIP_CON_8, _FLIP_CON_16, _FLIP_CON_32 = (tl.constexpr(",".join(["=r"] * p + ["r"] * p)) for p in (8, 16, 32))
-_FIRST_8, _FIRST_16, _FIRST_32 = (tl.constexpr(_edge_asm(p, last=False)) for p in (8, 16, 32))
-_LAST_8, _LAST_16, _LAST_32 = (tl.constexpr(_edge_asm(p, last=True)) for p in (8, 16, 32))
-_EDGE_CON_8, _EDGE_CON_16, _EDGE_CON_32 = (tl.constexpr(",".join(["=r"] * p + ["l"] * p + ["r"] * p))
-                                           for p in (8, 16, 32))
+@triton.constexpr_function
+def _constraints(pack, with_addresses):
+    """pack outputs, (pack 64-bit addresses,) pack 32-bit inputs."""
+    return ",".join(["=r"] * pack + (["l"] * pack if with_addresses else []) + ["r"] * pack)
 
 
 @triton.jit
@@ -53,14 +53,11 @@ def flip_time(x, CHUNK_L: tl.constexpr, ASM: tl.constexpr):
     """x (BLOCK_D, CHUNK_L) float32 reversed along time: with ASM (see lane_asm) one lane ^ 31 shuffle per register,
     the registers taken in reverse order; otherwise tl.flip."""
     if ASM:
-        bits = x.to(tl.int32, bitcast=True)
-        if CHUNK_L == 256:
-            bits = tl.inline_asm_elementwise(_FLIP_8, _FLIP_CON_8, [bits], dtype=tl.int32, is_pure=True, pack=8)
-        elif CHUNK_L == 512:
-            bits = tl.inline_asm_elementwise(_FLIP_16, _FLIP_CON_16, [bits], dtype=tl.int32, is_pure=True, pack=16)
-        else:
-            tl.static_assert(CHUNK_L == 1024, "flip_time(ASM=True) takes chunks of 256, 512 or 1024 steps")
-            bits = tl.inline_asm_elementwise(_FLIP_32, _FLIP_CON_32, [bits], dtype=tl.int32, is_pure=True, pack=32)
+        tl.static_assert(CHUNK_L == 256 or CHUNK_L == 512 or CHUNK_L == 1024,
+                         "flip_time(ASM=True) takes chunks of 256, 512 or 1024 steps")
+        bits = tl.inline_asm_elementwise(_flip_asm(CHUNK_L // 32), _constraints(CHUNK_L // 32, False),
+                                         [x.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=True,
+                                         pack=CHUNK_L // 32)
         return bits.to(tl.float32, bitcast=True)
     else:
         return tl.flip(x, 1)
@@ -74,26 +71,10 @@ def store_edge(ptrs, x, mask, LAST: tl.constexpr, CHUNK_L: tl.constexpr, ASM: tl
     if ASM:
         bits = x.to(tl.int32, bitcast=True)
         addr = ptrs.to(tl.int64)  # triton 3.6 refuses pointer and number operands in one inline_asm_elementwise
-        if CHUNK_L == 256:
-            if LAST:
-                tl.inline_asm_elementwise(_LAST_8, _EDGE_CON_8, [addr, bits], dtype=tl.int32, is_pure=False, pack=8)
-            else:
-                tl.inline_asm_elementwise(_FIRST_8, _EDGE_CON_8, [addr, bits], dtype=tl.int32, is_pure=False, pack=8)
-        elif CHUNK_L == 512:
-            if LAST:
-                tl.inline_asm_elementwise(_LAST_16, _EDGE_CON_16, [addr, bits], dtype=tl.int32, is_pure=False,
-                                          pack=16)
-            else:
-                tl.inline_asm_elementwise(_FIRST_16, _EDGE_CON_16, [addr, bits], dtype=tl.int32, is_pure=False,
-                                          pack=16)
-        else:
-            tl.static_assert(CHUNK_L == 1024, "store_edge(ASM=True) takes chunks of 256, 512 or 1024 steps")
-            if LAST:
-                tl.inline_asm_elementwise(_LAST_32, _EDGE_CON_32, [addr, bits], dtype=tl.int32, is_pure=False,
-                                          pack=32)
-            else:
-                tl.inline_asm_elementwise(_FIRST_32, _EDGE_CON_32, [addr, bits], dtype=tl.int32, is_pure=False,
-                                          pack=32)
+        tl.static_assert(CHUNK_L == 256 or CHUNK_L == 512 or CHUNK_L == 1024,
+                         "store_edge(ASM=True) takes chunks of 256, 512 or 1024 steps")
+        tl.inline_asm_elementwise(_edge_asm(CHUNK_L // 32, LAST), _constraints(CHUNK_L // 32, True), [addr, bits],
+                                  dtype=tl.int32, is_pure=False, pack=CHUNK_L // 32)
     else:
         offs_l = tl.arange(0, CHUNK_L)
         edge = (offs_l == CHUNK_L - 1) if LAST else (offs_l == 0)
