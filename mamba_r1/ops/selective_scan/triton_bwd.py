@@ -101,8 +101,8 @@ def _selective_scan_bwd_kernel(
     state_offs = channel_offs[:, None] * d_state + offs_n[None, :]
     ckpt_rows = ckpt_ptr + channel_offs * (n_chunks * d_state)
     state_rows = channel_offs * d_state  # (BLOCK_D,) offsets of each channel's d_state row
-    # dB / dC rows of this program, (d_state, seqlen): its own partials at [batch, group, block], or with ATOMIC_BC
-    # the shared float32 sums at [batch, group].
+    # dB / dC rows of this program, (d_state, bc_row_len): its own partials at [batch, group, block], or with
+    # ATOMIC_BC the shared float32 sums at [batch, group] (rows padded to whole chunks).
     if ATOMIC_BC:
         dBC_part_offs = (pid_batch * (tl.num_programs(0) // blocks_per_group) + group) * d_state * bc_row_len
     else:
