@@ -156,7 +156,7 @@ def main():
                 t_bwd = measure(fwd_bwd)
             rows.append(dict(shape=list(shape), backend=backend, dtype=str(dtype).replace("torch.", ""),
                              fwd_ms=t_fwd, fwd_bwd_ms=t_bwd, fwd_err=fwd_err, grad_err=bwd_err))
-            del args
+            args = gargs = None  # free the inputs before the next shape
             if cuda:
                 torch.cuda.empty_cache()
 
