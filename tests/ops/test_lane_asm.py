@@ -7,8 +7,13 @@ bits, reversing time is lane ^ 31 with the registers reversed, the first step is
 mapping; then the plain-Triton paths (ASM=False) under the interpreter.
 """
 
+import collections
 import itertools
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +120,116 @@ def test_plain_paths_flip_and_store_edges(block_d):
     kernel[(1,)](x, flipped, first, last, BLOCK_D=block_d, CHUNK_L=chunk_l)
     assert torch.equal(flipped, x.flip(1))
     assert torch.equal(first, x[:, 0]) and torch.equal(last, x[:, -1])
+
+
+def run_add_row_ptx(ptx, pack, values, row_address):
+    """Run _add_row_asm's PTX on the 32 lanes of a warp in lockstep: values[lane][k] is operand $(2 pack + k) of that
+    lane. Returns {global float32 address: sum added} and, per shared-memory store / load instruction, the 16-byte
+    piece each lane touched (to check the banks). Knows exactly the instructions the generator emits (anything else
+    fails)."""
+    body = [line.strip() for line in ptx.splitlines()]
+    assert body[0] == "{" and body[-1] == "}"
+    buf = 1 << 20  # the buffer's shared address (arbitrary, 16-byte aligned)
+    regs = [{"%ln": lane} for lane in range(LANES)]
+    shared, added = {}, collections.defaultdict(float)
+    accesses, reductions = collections.defaultdict(list), collections.defaultdict(list)
+    arith = {"mad.lo.u32": lambda a: a[0] * a[1] + a[2], "bfe.u32": lambda a: (a[0] >> a[1]) & ((1 << a[2]) - 1),
+             "xor.b32": lambda a: a[0] ^ a[1], "shl.b32": lambda a: a[0] << a[1], "add.u32": lambda a: a[0] + a[1],
+             "mul.wide.u32": lambda a: a[0] * a[1], "add.u64": lambda a: a[0] + a[1]}
+    for i, line in enumerate(body[1:-1]):
+        op, _, rest = line.rstrip(";").partition(" ")
+        if op == ".shared":
+            assert rest == f".align 16 .b8 add_row_buf[{4 * 32 * pack}]", rest
+            continue
+        if op in (".reg", "bar.warp.sync"):
+            continue
+        for lane in range(LANES):
+            def val(tok, lane=lane):
+                tok = tok.strip()
+                if tok.startswith("$"):
+                    k = int(tok[1:])
+                    assert pack <= k < 3 * pack, tok  # inputs only: addresses $pack..$(2 pack - 1), values after
+                    return row_address if k < 2 * pack else values[lane][k - 2 * pack]
+                return regs[lane][tok] if tok.startswith("%") else int(tok)
+
+            def addr(tok):
+                base, _, off = tok.strip().strip("[]").partition("+")
+                return val(base) + (int(off) if off else 0)
+
+            if op == "mov.u32":
+                dst, src = (t.strip() for t in rest.split(","))
+                regs[lane][dst] = {"%laneid": lane, "add_row_buf": buf}[src]
+            elif op == "mov.b32":
+                dst, src = (t.strip() for t in rest.split(","))
+                assert dst.startswith("$") and int(dst[1:]) < pack and src == "0"  # the dummy outputs
+            elif op in arith:
+                dst, *srcs = (t.strip() for t in rest.split(","))
+                regs[lane][dst] = arith[op]([val(t) for t in srcs])
+            elif op == "st.shared.v4.b32":
+                target, data = rest.split(",", 1)
+                a = addr(target)
+                assert a % 16 == 0 and buf <= a < buf + 4 * 32 * pack
+                for j, tok in enumerate(data.strip(" {}").split(",")):
+                    shared[a + 4 * j] = val(tok)
+                accesses[i].append((lane, (a - buf) // 16))
+            elif op == "ld.shared.v4.b32":
+                data, target = rest.split("},")
+                a = addr(target)
+                for j, tok in enumerate(data.strip(" {").split(",")):
+                    regs[lane][tok.strip()] = shared[a + 4 * j]  # a read of a piece nobody wrote fails here
+                accesses[i].append((lane, (a - buf) // 16))
+            elif op == "red.global.gpu.relaxed.add.v4.f32":
+                target, data = rest.split(",", 1)
+                a = addr(target)
+                assert a % 16 == 0
+                for j, tok in enumerate(data.strip(" {}").split(",")):
+                    added[a + 4 * j] += val(tok)
+                reductions[i].append((a - row_address) // 16)
+            else:
+                raise AssertionError(f"unexpected instruction {line}")
+    return added, accesses, reductions
+
+
+@pytest.mark.parametrize("chunk_l", lane_asm.CHUNKS)
+def test_add_row_ptx_adds_each_step_once_coalesced_and_without_bank_conflicts(chunk_l):
+    """The vector loads' layout (8 consecutive steps per thread, 32 lanes along time, then the next 256): every step's
+    value lands at row + 4 step, each reduction instruction covers 512 contiguous bytes, and the eight lanes of each
+    quarter-warp touch distinct 16-byte bank groups in shared memory."""
+    pack, vec, row = chunk_l // LANES, 8, 1 << 30
+
+    def position(lane, k):
+        return (k // vec) * LANES * vec + lane * vec + k % vec
+
+    values = [[float(position(lane, k)) + 0.5 for k in range(pack)] for lane in range(LANES)]
+    added, accesses, reductions = run_add_row_ptx(lane_asm._add_row_asm(pack, vec), pack, values, row)
+    assert added == {row + 4 * step: step + 0.5 for step in range(chunk_l)}
+    assert len(reductions) == chunk_l // 128
+    for pieces in reductions.values():
+        assert pieces == list(range(pieces[0], pieces[0] + LANES)) and pieces[0] % LANES == 0  # 512 bytes, aligned
+    for instruction, touched in accesses.items():
+        pieces = dict(touched)
+        for quarter in range(4):
+            groups = [pieces[lane] % 8 for lane in range(8 * quarter, 8 * quarter + 8)]
+            assert len(set(groups)) == 8, (instruction, quarter, groups)
+
+
+def test_add_row_ptx_detects_a_wrong_layout():
+    """The same PTX on four steps per thread puts values at the wrong steps: the check above can fail."""
+    pack, row = 16, 1 << 30
+    values = [[float((k // 4) * LANES * 4 + lane * 4 + k % 4) for k in range(pack)] for lane in range(LANES)]
+    added, _, _ = run_add_row_ptx(lane_asm._add_row_asm(pack, 8), pack, values, row)
+    assert added != {row + 4 * step: float(step) for step in range(32 * pack)}
+
+
+def test_backward_tiles_have_the_layout_add_row_assumes():
+    """Compile the backward for sm_90 (no GPU needed; outside the interpreter) as the launcher runs it when
+    vector_tiles() holds: the tiles reaching add_row are 8 consecutive steps per thread over 32 lanes."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_resources.py"), "--add-row-layout"],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "2 add_row calls:" in out.stdout, out.stdout
+    assert "sizePerThread = [1, 8], threadsPerWarp = [1, 32], warpsPerCTA = [1, 1], order = [1, 0]" in out.stdout, \
+        out.stdout
