@@ -14,7 +14,6 @@ they are given here as the target shapes (dims, seqlens and strides all multiple
 `--sass` also prints the instruction mix of each kernel's innermost loop (the state loop): what it issues per state.
     python benchmarks/kernel_resources.py [--arch 90] [--d-state 16] [--sass]
     python benchmarks/kernel_resources.py --moe        (SwitchMoE's bias + GELU and token-gradient kernels)
-    python benchmarks/kernel_resources.py --add-row-layout   (the tiles lane_asm.add_row's PTX gets)
 """
 
 from __future__ import annotations
@@ -100,27 +99,6 @@ def resources(kernel, constexprs: dict, num_warps: int, arch: int, sass: bool = 
     return usage
 
 
-def add_row_layout(arch: int) -> str:
-    """The layout of the tiles lane_asm.add_row's inline PTX gets in the backward, compiled as the launcher runs it
-    with vector_tiles() true (bf16 tiles, 16-divisible sizes and strides, whole chunks): its PTX assumes eight
-    consecutive steps per thread, 32 lanes along time (tests/ops/test_lane_asm.py checks this line)."""
-    kernel = triton_bwd._selective_scan_bwd_kernel
-    constexprs = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, HAS_DLAST=False, WANT_DH0=False,
-                      DELTA_SOFTPLUS=True, CARRY_IN_MEMORY=True, ATOMIC_BC=True, BLOCK_D=1, BLOCK_N=16, CHUNK_L=512,
-                      N_STAGES=3, UNROLL_N=1, PAIRED_BC=True, FLIP_ADJOINT=True, LANE_ASM=True, EDGE_ASM=True,
-                      EVEN=True, ROW_ASM=True, VEC=8)
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature(kernel, True), constexprs=constexprs,
-                                        attrs=alignment_hints(kernel)),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": 1})
-    ir = compiled.asm["ttgir"]
-    layouts = dict(re.findall(r"^(#\w+) = (.*)$", ir, flags=re.MULTILINE))
-    ops = [line for line in ir.splitlines() if "elementwise_inline_asm" in line and "add_row_buf" in line]
-    if not ops:
-        return "no add_row in the compiled kernel"
-    names = {re.search(r"-> tensor<[^,]+, (#\w+)>", line).group(1) for line in ops}
-    return "; ".join(f"{len(ops)} add_row calls: {layouts.get(name, name)}" for name in sorted(names))
-
-
 def moe_kernels(arch: int) -> None:
     """Registers and whole-kernel instruction counts of the MoE's elementwise kernels (bf16 tensors, GELU, grouped
     layout, the GPU tiles of mamba_r1/ops/moe_expert_ffn.py and moe_routing.py)."""
@@ -167,22 +145,16 @@ def main():
     p.add_argument("--d-state", type=int, default=16)
     p.add_argument("--sass", action="store_true", help="also the instruction mix of each kernel's state loop")
     p.add_argument("--moe", action="store_true", help="the MoE's elementwise kernels instead of the scan's")
-    p.add_argument("--add-row-layout", action="store_true",
-                   help="only the layout of the backward's tiles that lane_asm.add_row gets")
     a = p.parse_args()
     if a.moe:
         moe_kernels(a.arch)
-        return
-    if a.add_row_layout:
-        print(add_row_layout(a.arch))
         return
     block_n = triton.next_power_of_2(a.d_state)
     fwd_flags = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, HAS_H0=False, DELTA_SOFTPLUS=True, BLOCK_N=block_n,
                      CARRY_IN_MEMORY=True, UNROLL_N=1, PAIRED_BC=False, EDGE_ASM=False, EVEN=True)
     bwd_flags = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, HAS_DLAST=False, WANT_DH0=False,
                      DELTA_SOFTPLUS=True, BLOCK_N=block_n, CARRY_IN_MEMORY=True, ATOMIC_BC=True, UNROLL_N=1,
-                     PAIRED_BC=False, FLIP_ADJOINT=False, LANE_ASM=False, EDGE_ASM=False, EVEN=True, ROW_ASM=False,
-                     VEC=8)
+                     PAIRED_BC=False, FLIP_ADJOINT=False, LANE_ASM=False, EDGE_ASM=False, EVEN=True)
     print(f"sm_{a.arch}, triton {triton.__version__}, d_state {a.d_state}, bf16 activations, z gating, softplus")
     rows = [("fwd scan", triton_fwd._selective_scan_fwd_kernel, c, fwd_flags) for c in FWD]
     rows += [("bwd", triton_bwd._selective_scan_bwd_kernel, c, bwd_flags) for c in BWD]
@@ -192,7 +164,6 @@ def main():
         if "FLIP_ADJOINT" in flags:
             constexprs["FLIP_ADJOINT"] = "flip" in switches
             constexprs["LANE_ASM"] = block_d == 1 and warps == 1  # the GPU launch's choice
-            constexprs["ROW_ASM"] = "row" in switches and block_d == 1 and warps == 1
         constexprs["EDGE_ASM"] = "edge" in switches and block_d == 1 and warps == 1
         name = f"{name} {switches}" if switches else name
         try:

@@ -55,8 +55,8 @@ SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
 # (chunk_l, block_d, num_warps, n_stages, unroll_n, switches)
 FWD = [(512, 1, 1, 1, 1, ""), (512, 1, 1, 1, 1, "paired"), (512, 1, 1, 1, 1, "paired+edge")]
 # Configurations that spill (benchmarks/kernel_resources.py compiles them here, no GPU needed) are left out.
-BWD = [(512, 1, 1, 3, 1, "paired+flip+edge"), (512, 1, 1, 3, 1, "paired+flip+edge+row"),
-       (512, 1, 1, 2, 1, "paired+flip+edge+row"), (256, 1, 1, 3, 1, "paired+flip+edge+row")]
+BWD = [(512, 1, 1, 3, 1, ""), (512, 1, 1, 3, 1, "paired+flip"), (512, 1, 1, 3, 1, "paired+flip+edge"),
+       (512, 1, 1, 2, 1, "paired+flip+edge")]
 
 
 # Backward register caps (maxnreg) tried at the table's backward row with --maxnreg: 255 registers allow 8 warps per
@@ -67,7 +67,7 @@ BWD = [(512, 1, 1, 3, 1, "paired+flip+edge"), (512, 1, 1, 3, 1, "paired+flip+edg
 
 def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, maxnreg=None, switches=""):
     """Set the configuration; the kernel not being swept gets one channel per program and one warp. ``switches``:
-    "paired", "flip", "edge", "row" (joined by +): BlockSizes.paired_bc, flip_adjoint, edge_asm, row_asm."""
+    "paired", "flip", "edge" (joined by +): BlockSizes.paired_bc, flip_adjoint, edge_asm."""
     fwd = fwd or (1, 1)
     bwd = bwd or (1, 1)
     triton_fwd.BLOCK_SIZE_OVERRIDE = triton_fwd.BlockSizes(chunk_l, fwd[0], fwd[1], bwd[0], bwd[1],
@@ -75,8 +75,7 @@ def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, maxnreg=None, switches=
                                                            unroll_n=unroll, bwd_n_stages=stages, bwd_maxnreg=maxnreg,
                                                            paired_bc="paired" in switches,
                                                            flip_adjoint="flip" in switches,
-                                                           edge_asm="edge" in switches,
-                                                           row_asm="row" in switches)
+                                                           edge_asm="edge" in switches)
 
 
 class Checker:

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mamba_r1.ops.selective_scan.lane_asm import add_row, flip_time, lane_asm, store_edge
+from mamba_r1.ops.selective_scan.lane_asm import flip_time, lane_asm, store_edge
 from mamba_r1.ops.selective_scan.triton_fwd import (
     LN2,
     LOG2E,
@@ -68,7 +68,7 @@ def _selective_scan_bwd_kernel(
     WANT_DH0: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr, ATOMIC_BC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
     UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr, FLIP_ADJOINT: tl.constexpr, LANE_ASM: tl.constexpr,
-    EDGE_ASM: tl.constexpr, EVEN: tl.constexpr, ROW_ASM: tl.constexpr, VEC: tl.constexpr,
+    EDGE_ASM: tl.constexpr, EVEN: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
     pid_batch = tl.program_id(1).to(tl.int64)
@@ -229,12 +229,7 @@ def _selective_scan_bwd_kernel(
             else:
                 dA_acc = tl.where(is_n, dA_acc + LN2 * tl.sum(g_decayed * dt, axis=1)[:, None], dA_acc)
             part_row = dBC_part_offs + n * bc_row_len + offs_t
-            if ROW_ASM:
-                # One channel: no sum over channels; the rows through shared memory (lane_asm.add_row).
-                bc_row = dBC_part_offs + n * bc_row_len + chunk * CHUNK_L
-                add_row(dB_part_ptr + bc_row, g_n * dt_u, CHUNK_L, VEC, True)
-                add_row(dC_part_ptr + bc_row, dy * h_n, CHUNK_L, VEC, True)
-            elif ATOMIC_BC:
+            if ATOMIC_BC:
                 # The atomics' rows run to the end of the last chunk, so they need no mask (a masked atomic is a
                 # branch around each instruction); past seqlen dt and dout are zero and the terms add zeros.
                 tl.atomic_add(dB_part_ptr + part_row, tl.sum(g_n * dt_u, axis=0), sem="relaxed")
@@ -284,17 +279,6 @@ def _selective_scan_bwd_kernel(
             delta_0 = softplus(delta_0)
         A = tl.load(A_rows[:, None] + offs_n[None, :] * stride_A_state, mask=mask_dn, other=0.0).to(tl.float32)
         tl.store(dh0_ptr + state_offs, tl.exp(delta_0[:, None] * A) * g_carry, mask=mask_dn)
-
-
-def vector_tiles(seqlen: int, tiles) -> bool:
-    """Whether the kernel's (batch, dim, seqlen) tiles (``tiles``; None skipped) get the 16-byte vector loads'
-    layout, eight consecutive steps per thread, that lane_asm.add_row relies on: every one 16-bit, 16-byte aligned,
-    with seqlen and the batch and channel strides multiples of 16 (so the launch marks them divisible by 16).
-    tests/ops/test_lane_asm.py compiles the backward under these conditions and checks the layout."""
-    if seqlen % 16:
-        return False
-    return all(t.element_size() == 2 and t.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in t.stride()[:-1])
-               for t in tiles if t is not None)
 
 
 def selective_scan_bwd_launch(
@@ -354,9 +338,6 @@ def selective_scan_bwd_launch(
     if pairs is not None:
         B, C = pairs  # (batch, groups, d_state, seqlen / 2) int32
     lane_asm_ok = lane_asm(block_d, sizes.bwd_warps, sizes.chunk_l, interpreting())
-    even = even_tiles(seqlen, sizes.chunk_l, dim_per_group, block_d)
-    row_asm = (sizes.row_asm and sizes.atomic_bc and lane_asm_ok and even
-               and vector_tiles(seqlen, (u, delta, dout, z, du, ddelta, dz)))
     grid = (groups * blocks_per_group, batch)
     launch_options = {} if sizes.bwd_maxnreg is None else {"maxnreg": sizes.bwd_maxnreg}
     _selective_scan_bwd_kernel[grid](
@@ -381,7 +362,7 @@ def selective_scan_bwd_launch(
         N_STAGES=sizes.bwd_n_stages, UNROLL_N=sizes.unroll_n, PAIRED_BC=pairs is not None,
         FLIP_ADJOINT=sizes.flip_adjoint,
         LANE_ASM=lane_asm_ok, EDGE_ASM=sizes.edge_asm and lane_asm_ok,
-        EVEN=even, ROW_ASM=row_asm, VEC=8,
+        EVEN=even_tiles(seqlen, sizes.chunk_l, dim_per_group, block_d),
         num_warps=sizes.bwd_warps, **launch_options,
     )
     return {

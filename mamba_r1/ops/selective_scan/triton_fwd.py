@@ -60,10 +60,6 @@ class BlockSizes:
     # backward's first-step adjoint) from the register that holds it (lane_asm.store_edge) instead of a masked
     # tl.store, which converts the tile through shared memory first.
     edge_asm: bool = False
-    # Backward, GPU, one channel on one warp, 16-bit tiles: add dB / dC through a shared-memory copy of each row with
-    # 16-byte reductions over 512 contiguous bytes (lane_asm.add_row) instead of tl.atomic_add, whose layout
-    # conversion costs 32 shuffles and 64 selects per state.
-    row_asm: bool = False
 
 
 # GPU tuning edits this table only. "cuda": from two sweeps with benchmarks/tune_scan.py on an H200 (2026-11-30, bf16;
@@ -89,7 +85,7 @@ class BlockSizes:
 # kernels use different block_d on purpose.
 BLOCK_SIZE_TABLE = {
     "cuda": BlockSizes(chunk_l=512, fwd_block_d=1, fwd_warps=1, bwd_block_d=1, bwd_warps=1, carry_in_memory=True,
-                       atomic_bc=True, bwd_n_stages=3, paired_bc=True, flip_adjoint=True, edge_asm=True, row_asm=True),
+                       atomic_bc=True, bwd_n_stages=3, paired_bc=True, flip_adjoint=True, edge_asm=True),
     "interpret": BlockSizes(chunk_l=8, fwd_block_d=2, fwd_warps=1, bwd_block_d=4, bwd_warps=1),
 }
 # Tuning scripts (benchmarks/tune_scan.py) set this to try a configuration; None in normal use.
