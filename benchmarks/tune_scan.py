@@ -53,10 +53,11 @@ SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
 # stages 2 instead of 3 with all three: 2.185 / 8.599 / 3.636. Chunk 256 with paired+flip (call 4): backward 2.150 /
 # 8.007 / 3.543, but the forward at 256 is 0.570 ms: the two must share the chunk, so 512 stays.
 # (chunk_l, block_d, num_warps, n_stages, unroll_n, switches)
-FWD = [(512, 1, 1, 1, 1, ""), (512, 1, 1, 1, 1, "paired"), (512, 1, 1, 1, 1, "paired+edge")]
+FWD = [(512, 1, 1, 1, 1, "paired+edge"), (512, 1, 1, 1, 1, "paired+edge+scan"),
+       (512, 1, 1, 1, 1, "paired+edge+scan+chain")]
 # Configurations that spill (benchmarks/kernel_resources.py compiles them here, no GPU needed) are left out.
-BWD = [(512, 1, 1, 3, 1, ""), (512, 1, 1, 3, 1, "paired+flip"), (512, 1, 1, 3, 1, "paired+flip+edge"),
-       (512, 1, 1, 2, 1, "paired+flip+edge")]
+BWD = [(512, 1, 1, 3, 1, "paired+flip+edge"), (512, 1, 1, 3, 1, "paired+flip+edge+scan"),
+       (512, 1, 1, 3, 1, "paired+flip+edge+scan+chain")]
 
 
 # Backward register caps (maxnreg) tried at the table's backward row with --maxnreg: 255 registers allow 8 warps per
@@ -67,7 +68,8 @@ BWD = [(512, 1, 1, 3, 1, ""), (512, 1, 1, 3, 1, "paired+flip"), (512, 1, 1, 3, 1
 
 def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, maxnreg=None, switches=""):
     """Set the configuration; the kernel not being swept gets one channel per program and one warp. ``switches``:
-    "paired", "flip", "edge" (joined by +): BlockSizes.paired_bc, flip_adjoint, edge_asm."""
+    "paired", "flip", "edge", "scan" (joined by +): BlockSizes.paired_bc, flip_adjoint, edge_asm, scan_asm; "chain":
+    scan_fixup=False."""
     fwd = fwd or (1, 1)
     bwd = bwd or (1, 1)
     triton_fwd.BLOCK_SIZE_OVERRIDE = triton_fwd.BlockSizes(chunk_l, fwd[0], fwd[1], bwd[0], bwd[1],
@@ -75,7 +77,9 @@ def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, maxnreg=None, switches=
                                                            unroll_n=unroll, bwd_n_stages=stages, bwd_maxnreg=maxnreg,
                                                            paired_bc="paired" in switches,
                                                            flip_adjoint="flip" in switches,
-                                                           edge_asm="edge" in switches)
+                                                           edge_asm="edge" in switches,
+                                                           scan_asm="scan" in switches,
+                                                           scan_fixup="chain" not in switches)
 
 
 class Checker:

@@ -8,7 +8,12 @@ mapping; then the plain-Triton paths (ASM=False) under the interpreter.
 """
 
 import itertools
+import os
 import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +120,129 @@ def test_plain_paths_flip_and_store_edges(block_d):
     kernel[(1,)](x, flipped, first, last, BLOCK_D=block_d, CHUNK_L=chunk_l)
     assert torch.equal(flipped, x.flip(1))
     assert torch.equal(first, x[:, 0]) and torch.equal(last, x[:, -1])
+
+
+def f32(v):
+    """Round a Python float to float32 (what a 32-bit register holds)."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def run_scan_ptx(ptx, pack, decays, inputs):
+    """Run _scan_asm's PTX on the 32 lanes of a warp in lockstep; decays[lane][k] / inputs[lane][k] are the operands
+    $(pack + k) / $(2 pack + k) of that lane; returns outputs[lane][k] ($k). Knows exactly the instructions the
+    generator emits (anything else fails); float32 rounding after every operation (fma rounded once)."""
+    body = [line.strip() for line in ptx.splitlines()]
+    assert body[0] == "{" and body[-1] == "}"
+    regs = [dict() for _ in range(LANES)]
+    for lane in range(LANES):
+        for k in range(pack):
+            regs[lane][f"${pack + k}"], regs[lane][f"${2 * pack + k}"] = f32(decays[lane][k]), f32(inputs[lane][k])
+    for line in body[1:-1]:
+        if line.startswith(".reg"):
+            continue
+        guard, _, rest = line.rstrip(";").partition(" ") if line.startswith("@") else ("", "", line.rstrip(";"))
+        op, _, args = rest.partition(" ")
+        args = [a.strip() for a in args.split(",")]
+        results = []
+        for lane in range(LANES):
+            if guard:
+                pred = regs[lane][guard.lstrip("@!")]
+                if pred == guard.startswith("@!"):
+                    results.append(None)
+                    continue
+
+            def val(tok, lane=lane):
+                if tok.startswith("0f"):
+                    return struct.unpack(">f", bytes.fromhex(tok[2:]))[0]
+                return regs[lane][tok] if tok[0] in "%$" else float(int(tok))
+
+            if op == "mul.rn.f32":
+                results.append({args[0]: f32(val(args[1]) * val(args[2]))})
+            elif op == "fma.rn.f32":
+                results.append({args[0]: f32(val(args[1]) * val(args[2]) + val(args[3]))})
+            elif op == "mov.b32":
+                results.append({args[0]: val(args[1])})
+            elif op in ("shfl.sync.up.b32", "shfl.sync.idx.b32"):
+                dst, src, b, c, mask = args
+                assert mask == "-1"
+                if op.endswith("up.b32"):
+                    assert c == "0"
+                    source = lane - int(b)
+                else:
+                    assert c == "31"
+                    source = int(b)
+                ok = 0 <= source < LANES
+                out = {}
+                dst_reg, _, dst_pred = dst.partition("|")
+                out[dst_reg] = regs[source if ok else lane][src]
+                if dst_pred:
+                    out[dst_pred] = ok
+                results.append(out)
+            else:
+                raise AssertionError(f"unexpected instruction {line}")
+        for lane, out in enumerate(results):  # all lanes read before any writes (a warp instruction)
+            if out:
+                regs[lane].update(out)
+    return [[regs[lane][f"${k}"] for k in range(pack)] for lane in range(LANES)]
+
+
+def vector_position(lane, k, vec=8):
+    """Step held by register k of a lane in the vector loads' layout: runs of vec steps, 32 lanes, then the next."""
+    return (k // vec) * LANES * vec + lane * vec + k % vec
+
+
+@pytest.mark.parametrize("chunk_l", lane_asm.CHUNKS)
+@pytest.mark.parametrize("decays_near", ["mixed", "one"])
+@pytest.mark.parametrize("fixup", [True, False])
+def test_scan_ptx_matches_a_sequential_scan(chunk_l, decays_near, fixup):
+    """_scan_asm's PTX, run lane by lane on the vector loads' layout, gives h_t = d_t h_(t-1) + x_t from h_(-1) = 0 at
+    every step (float32 rounding). Decays "mixed": in [0, 1], some exactly 1 and 0 as padding and long decays give;
+    "one": in [0.98, 1], so that products over whole lanes stay far from 0 and a wrong product shows."""
+    import random
+
+    pack = chunk_l // LANES
+    rng = random.Random(chunk_l)
+    if decays_near == "mixed":
+        d = [rng.choice([1.0, 0.0, rng.uniform(0.5, 1.0), rng.uniform(0.0, 1.0)]) for _ in range(chunk_l)]
+    else:
+        d = [rng.uniform(0.98, 1.0) for _ in range(chunk_l)]
+    x = [rng.gauss(0.0, 1.0) for _ in range(chunk_l)]
+    expected, h = [], 0.0
+    for t in range(chunk_l):
+        h = f32(d[t]) * h + f32(x[t])
+        expected.append(h)
+    decays = [[d[vector_position(lane, k)] for k in range(pack)] for lane in range(LANES)]
+    inputs = [[x[vector_position(lane, k)] for k in range(pack)] for lane in range(LANES)]
+    out = run_scan_ptx(lane_asm._scan_asm(pack, 8, fixup), pack, decays, inputs)
+    for lane, k in itertools.product(range(LANES), range(pack)):
+        t = vector_position(lane, k)
+        assert out[lane][k] == pytest.approx(expected[t], rel=1e-5, abs=1e-5), (lane, k, t)
+
+
+def test_scan_ptx_on_another_layout_gives_another_scan():
+    """The same PTX on a layout of four steps per thread scans the steps in another order: the check above can fail."""
+    pack, chunk_l = 16, 512
+    x = [float(t % 7) for t in range(chunk_l)]
+    decays = [[1.0] * pack for _ in range(LANES)]  # decay 1: h_t is the running sum, order-sensitive by position
+    inputs = [[x[vector_position(lane, k, vec=4)] for k in range(pack)] for lane in range(LANES)]
+    out = run_scan_ptx(lane_asm._scan_asm(pack, 8, True), pack, decays, inputs)
+    running = list(itertools.accumulate(x))
+    assert any(out[lane][k] != running[vector_position(lane, k, vec=4)]
+               for lane in range(LANES) for k in range(pack))
+
+
+def test_kernel_tiles_have_the_layout_scan_time_assumes():
+    """Compile both kernels for sm_90 (no GPU needed; outside the interpreter) as the launchers run them when
+    vector_tiles() holds: every tile reaching scan_time's PTX is 8 consecutive steps per thread over 32 lanes."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_resources.py"), "--scan-layouts"],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if "scan_time" in line]
+    assert len(lines) == 4, out.stdout  # forward and backward, EVEN and not
+    for line in lines:
+        assert re.search(r"\b[12] scan_time calls", line), line  # forward one, backward two
+        assert line.endswith("#ttg.blocked<{sizePerThread = [1, 8], threadsPerWarp = [1, 32], warpsPerCTA = [1, 1], "
+                             "order = [1, 0]}>"), line

@@ -176,6 +176,20 @@ def test_whole_chunks_and_channel_blocks_run_unmasked(dtype, variant):
         check_against_reference(args, delta_softplus=True, return_last_state=True, dtype=dtype)
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="the inline-PTX scans run on a GPU only (the interpreter takes the "
+                    "tl.associative_scan path, which the tests above cover)")
+@pytest.mark.parametrize("shape", [(2, 96, 1040, 16, 1), (1, 32, 528, 5, 0), (2, 16, 1024, 64, 2)])
+def test_vector_tile_shapes_match_float64_reference(shape):
+    """bf16 tiles with seqlen and strides multiples of 16 (vector_tiles: the GPU table's inline-PTX scans run), whole
+    and partial chunks, d_state below and above 16, shared and grouped B / C."""
+    from mamba_r1.ops.selective_scan import triton_fwd
+
+    batch, dim, seqlen, d_state, groups = shape
+    args = make_inputs(batch, dim, seqlen, d_state, groups, dtype=torch.bfloat16)
+    assert triton_fwd.vector_tiles(seqlen, [args["u"], args["delta"], args["z"]])
+    check_against_reference(args, delta_softplus=True, return_last_state=True, dtype=torch.bfloat16)
+
+
 def test_bf16_long_sequence_stays_finite_and_accurate():
     args = make_inputs(1, 3, 300, 2, dtype=torch.bfloat16)
     check_against_reference(args, delta_softplus=True, return_last_state=True, dtype=torch.bfloat16)

@@ -9,6 +9,11 @@ standing for distinct bits of the position. Two facts follow that hold for every
   * the first step is lane 0's register 0, the last step lane 31's register P - 1, so one thread can store a chunk's
     edge column straight from its register (store_edge). tl.store with a mask on one column gets its own layout and
     converts the tile through shared memory first.
+  * with the vector loads' layout (16-bit tiles: eight consecutive steps per thread, 32 lanes, then the next 256
+    steps; #blocked<sizePerThread [1, 8], threadsPerWarp [1, 32]>) a thread's registers are runs of eight steps, so
+    an affine scan can run each run sequentially and pass only one composed map per run between lanes (scan_time).
+    This one depends on the layout Triton picks: the launchers use it only where vector_tiles() holds, and
+    tests/ops/test_lane_asm.py compiles both kernels and checks the layout.
 Each helper takes ASM (a constexpr): False gives the plain Triton equivalent, which the CPU interpreter runs (it has
 no inline PTX) and which any other program shape needs. lane_asm() says when True is allowed.
 """
@@ -43,9 +48,88 @@ def _edge_asm(pack, last):
 
 
 @triton.constexpr_function
+def _scan_asm(pack, vec, fixup):
+    """Inclusive scan of h_t = d_t h_(t-1) + x_t (h_(-1) = 0) over a one-warp tile whose registers are runs of vec
+    consecutive steps (run r of lane l: steps 32 vec r + vec l ...). Operands: h outputs $0.., decays $pack..,
+    inputs $(2 pack)... Per run: (1) the run scanned from 0 into the outputs, beside the running products of its
+    decays (the last pair is the run's composed map (A, B)); (2) an inclusive Hillis-Steele scan of the runs' maps
+    over the lanes (shuffles up by 1..16, applied where the source lane exists, by predicate rather than select),
+    shifted by one lane to exclusive; (3) runs after the first start from the previous run's end state H (lane 31's,
+    broadcast): carry = A_excl H + B_excl; (4) each output fixed up in one FMA: h += running product * carry.
+    Without fixup, (1) keeps only each run's map (a product tree, one register for the scan) and (4) scans the run
+    again from its carry: the same instruction count, fewer live registers, a longer dependency chain."""
+    runs = pack // vec
+    one = "0f3F800000"
+    lines = ["{", f".reg .pred %p<{runs}>;",
+             f".reg .b32 %sa<{runs}>, %sb<{runs}>, %ua<{runs}>, %ub<{runs}>, %xa<{runs}>, %xb<{runs}>, %c<{runs}>;",
+             f".reg .b32 %q<{pack}>, %ha, %hb, %hh;"]
+
+    def dec(k):
+        return f"${pack + k}"
+
+    def inp(k):
+        return f"${2 * pack + k}"
+
+    for r in range(runs):  # (1) each run from 0, and the running products of its decays (%q)
+        k0 = r * vec
+        if fixup:
+            lines += [f"mov.b32 ${k0}, {inp(k0)};", f"mov.b32 %q{k0}, {dec(k0)};"]
+            for j in range(1, vec):
+                k = k0 + j
+                lines += [f"fma.rn.f32 ${k}, {dec(k)}, ${k - 1}, {inp(k)};",
+                          f"mul.rn.f32 %q{k}, %q{k - 1}, {dec(k)};"]
+            lines += [f"mov.b32 %sa{r}, %q{k0 + vec - 1};", f"mov.b32 %sb{r}, ${k0 + vec - 1};"]
+        else:  # only the run's map: its decays' product as a tree, its scan from 0 in one register
+            level = [dec(k0 + j) for j in range(vec)]
+            while len(level) > 1:
+                level_regs = [f"%sa{r}" if len(level) == 2 else f"%q{k0 + len(level) // 2 + j // 2}"
+                              for j in range(0, len(level), 2)]
+                lines += [f"mul.rn.f32 {reg}, {level[2 * i]}, {level[2 * i + 1]};" for i, reg in enumerate(level_regs)]
+                level = level_regs
+            lines.append(f"mov.b32 %sb{r}, {inp(k0)};")
+            lines += [f"fma.rn.f32 %sb{r}, {dec(k0 + j)}, %sb{r}, {inp(k0 + j)};" for j in range(1, vec)]
+    for step in (1, 2, 4, 8, 16):  # (2) inclusive scan of the runs' maps over the lanes
+        for r in range(runs):
+            need_a = not (r == 0 and step == 16)  # run 0 needs no product past its last step (it starts from 0)
+            lines.append(f"shfl.sync.up.b32 %ub{r}|%p{r}, %sb{r}, {step}, 0, -1;")
+            if need_a:
+                lines.append(f"shfl.sync.up.b32 %ua{r}, %sa{r}, {step}, 0, -1;")
+            lines.append(f"@%p{r} fma.rn.f32 %sb{r}, %sa{r}, %ub{r}, %sb{r};")
+            if need_a:
+                lines.append(f"@%p{r} mul.rn.f32 %sa{r}, %sa{r}, %ua{r};")
+    for r in range(runs):  # ... made exclusive: lane 0 gets the identity map
+        lines += [f"shfl.sync.up.b32 %xb{r}|%p{r}, %sb{r}, 1, 0, -1;", f"@!%p{r} mov.b32 %xb{r}, 0;"]
+        if r:
+            lines += [f"shfl.sync.up.b32 %xa{r}, %sa{r}, 1, 0, -1;", f"@!%p{r} mov.b32 %xa{r}, {one};"]
+    # (3) the state entering each run: run 0 starts from 0; run r from H, the end state of run r - 1 (lane 31's)
+    lines.append("mov.b32 %c0, %xb0;")
+    for r in range(1, runs):
+        if r == 1:
+            lines.append("shfl.sync.idx.b32 %hh, %sb0, 31, 31, -1;")
+        else:
+            lines += [f"shfl.sync.idx.b32 %ha, %sa{r - 1}, 31, 31, -1;",
+                      f"shfl.sync.idx.b32 %hb, %sb{r - 1}, 31, 31, -1;", "fma.rn.f32 %hh, %ha, %hh, %hb;"]
+        lines.append(f"fma.rn.f32 %c{r}, %xa{r}, %hh, %xb{r};")
+    for r in range(runs):  # (4) every output fixed up from its run's carry, or the run scanned again from it
+        if fixup:
+            lines += [f"fma.rn.f32 ${k}, %q{k}, %c{r}, ${k};" for k in range(r * vec, (r + 1) * vec)]
+        else:
+            lines += [f"fma.rn.f32 ${k}, {dec(k)}, {f'${k - 1}' if k % vec else f'%c{r}'}, {inp(k)};"
+                      for k in range(r * vec, (r + 1) * vec)]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+@triton.constexpr_function
 def _constraints(pack, with_addresses):
     """pack outputs, (pack 64-bit addresses,) pack 32-bit inputs."""
     return ",".join(["=r"] * pack + (["l"] * pack if with_addresses else []) + ["r"] * pack)
+
+
+@triton.constexpr_function
+def _scan_constraints(pack):
+    """pack outputs, pack decays, pack inputs (32-bit registers)."""
+    return ",".join(["=r"] * pack + ["r"] * (2 * pack))
 
 
 @triton.jit
@@ -79,3 +163,26 @@ def store_edge(ptrs, x, mask, LAST: tl.constexpr, CHUNK_L: tl.constexpr, ASM: tl
         offs_l = tl.arange(0, CHUNK_L)
         edge = (offs_l == CHUNK_L - 1) if LAST else (offs_l == 0)
         tl.store(ptrs, x, mask=mask & edge[None, :])
+
+
+@triton.jit
+def affine_combine(decay_left, value_left, decay_right, value_right):
+    """Compose h -> decay_left * h + value_left, then h -> decay_right * h + value_right."""
+    return decay_left * decay_right, decay_right * value_left + value_right
+
+
+@triton.jit
+def scan_time(decay, x, CHUNK_L: tl.constexpr, ASM: tl.constexpr, FIXUP: tl.constexpr):
+    """h (BLOCK_D, CHUNK_L) float32 with h_t = decay_t h_(t-1) + x_t along time from h_(-1) = 0 (a start state is
+    folded into x_0 by the caller). With ASM (one channel on one warp in the vector loads' layout: see vector_tiles
+    in triton_fwd.py) the inline-PTX scan of _scan_asm (FIXUP: its variant); otherwise tl.associative_scan."""
+    if ASM:
+        tl.static_assert(CHUNK_L == 256 or CHUNK_L == 512 or CHUNK_L == 1024,
+                         "scan_time(ASM=True) takes chunks of 256, 512 or 1024 steps")
+        bits = tl.inline_asm_elementwise(_scan_asm(CHUNK_L // 32, 8, FIXUP), _scan_constraints(CHUNK_L // 32),
+                                         [decay.to(tl.int32, bitcast=True), x.to(tl.int32, bitcast=True)],
+                                         dtype=tl.int32, is_pure=True, pack=CHUNK_L // 32)
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        _, h = tl.associative_scan((decay, x), 1, affine_combine)
+        return h

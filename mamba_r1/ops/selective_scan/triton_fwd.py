@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mamba_r1.ops.selective_scan.lane_asm import lane_asm, store_edge
+from mamba_r1.ops.selective_scan.lane_asm import lane_asm, scan_time, store_edge
 from mamba_r1.ops.triton_runtime import built_for_interpreter
 
 
@@ -60,6 +60,11 @@ class BlockSizes:
     # backward's first-step adjoint) from the register that holds it (lane_asm.store_edge) instead of a masked
     # tl.store, which converts the tile through shared memory first.
     edge_asm: bool = False
+    # GPU, one channel on one warp, 16-bit tiles (vector_tiles): the affine scans by inline PTX that runs each thread's
+    # runs of eight steps sequentially and passes one composed map per run between lanes (lane_asm.scan_time)
+    # instead of tl.associative_scan, whose lowering keeps a cumulative decay per step for a fix-up pass.
+    scan_asm: bool = False
+    scan_fixup: bool = True  # its variant (lane_asm._scan_asm): a fix-up FMA per step, or a second sequential pass
 
 
 # GPU tuning edits this table only. "cuda": from two sweeps with benchmarks/tune_scan.py on an H200 (2026-11-30, bf16;
@@ -85,7 +90,8 @@ class BlockSizes:
 # kernels use different block_d on purpose.
 BLOCK_SIZE_TABLE = {
     "cuda": BlockSizes(chunk_l=512, fwd_block_d=1, fwd_warps=1, bwd_block_d=1, bwd_warps=1, carry_in_memory=True,
-                       atomic_bc=True, bwd_n_stages=3, paired_bc=True, flip_adjoint=True, edge_asm=True),
+                       atomic_bc=True, bwd_n_stages=3, paired_bc=True, flip_adjoint=True, edge_asm=True,
+                       scan_asm=True),
     "interpret": BlockSizes(chunk_l=8, fwd_block_d=2, fwd_warps=1, bwd_block_d=4, bwd_warps=1),
 }
 # Tuning scripts (benchmarks/tune_scan.py) set this to try a configuration; None in normal use.
@@ -112,12 +118,6 @@ def num_chunks(seqlen):
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
 LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2(e)
-
-
-@triton.jit
-def affine_combine(decay_left, value_left, decay_right, value_right):
-    """Compose h -> decay_left * h + value_left, then h -> decay_right * h + value_right."""
-    return decay_left * decay_right, decay_right * value_left + value_right
 
 
 @triton.jit
@@ -149,6 +149,17 @@ def load_state_row(row_ptr, chunk, seqlen, offs_t, mask_t, CHUNK_L: tl.constexpr
 def even_tiles(seqlen: int, chunk_l: int, dim_per_group: int, block_d: int) -> bool:
     """Whether every chunk is whole and every channel block full: the kernels then drop their masks (EVEN)."""
     return seqlen % chunk_l == 0 and dim_per_group % block_d == 0
+
+
+def vector_tiles(seqlen: int, tiles) -> bool:
+    """Whether a kernel's (batch, dim, seqlen) tiles (``tiles``; None skipped) get the 16-byte vector loads' layout,
+    eight consecutive steps per thread, that lane_asm.scan_time's PTX relies on: every one 16-bit and 16-byte aligned,
+    with seqlen and the batch and channel strides multiples of 16 (so the launch marks them divisible by 16).
+    tests/ops/test_lane_asm.py compiles both kernels under these conditions and checks the layout."""
+    if seqlen % 16:
+        return False
+    return all(t.element_size() == 2 and t.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in t.stride()[:-1])
+               for t in tiles if t is not None)
 
 
 def bf16_pairs(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -184,6 +195,7 @@ def _selective_scan_fwd_kernel(
     DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
     UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr, EDGE_ASM: tl.constexpr, EVEN: tl.constexpr,
+    SCAN_ASM: tl.constexpr, SCAN_FIXUP: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
     pid_batch = tl.program_id(1).to(tl.int64)
@@ -270,7 +282,7 @@ def _selective_scan_fwd_kernel(
             # than scaling h_start by them afterwards.
             x = dt_u * B_n[None, :]
             x = tl.where(offs_l[None, :] == 0, x + decay * h_start[:, None], x)
-            _, h_n = tl.associative_scan((decay, x), 1, affine_combine)
+            h_n = scan_time(decay, x, CHUNK_L, SCAN_ASM, SCAN_FIXUP)
             y += h_n * C_n[None, :]
             if CARRY_IN_MEMORY:
                 # The chunk's last column is the next chunk's checkpoint (or the last state after the last chunk):
@@ -319,6 +331,7 @@ def selective_scan_fwd_launch(
     pairs = bf16_pairs(B, C) if sizes.paired_bc else None
     if pairs is not None:
         B, C = pairs  # (batch, groups, d_state, seqlen / 2) int32
+    lane_asm_ok = lane_asm(block_d, sizes.fwd_warps, sizes.chunk_l, interpreting())
     grid = (groups * blocks_per_group, batch)
     _selective_scan_fwd_kernel[grid](
         u, delta, A, B, C, D_arg, z_arg, bias_arg, h0_arg,
@@ -335,8 +348,9 @@ def selective_scan_fwd_launch(
         HAS_H0=initial_state is not None, DELTA_SOFTPLUS=delta_softplus, CARRY_IN_MEMORY=sizes.carry_in_memory,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
         N_STAGES=sizes.n_stages, UNROLL_N=sizes.unroll_n, PAIRED_BC=pairs is not None,
-        EDGE_ASM=sizes.edge_asm and lane_asm(block_d, sizes.fwd_warps, sizes.chunk_l, interpreting()),
-        EVEN=even_tiles(seqlen, sizes.chunk_l, dim_per_group, block_d),
+        EDGE_ASM=sizes.edge_asm and lane_asm_ok, EVEN=even_tiles(seqlen, sizes.chunk_l, dim_per_group, block_d),
+        SCAN_ASM=sizes.scan_asm and lane_asm_ok and vector_tiles(seqlen, (u, delta, z, out)),
+        SCAN_FIXUP=sizes.scan_fixup,
         num_warps=sizes.fwd_warps,
     )
     return last_state, ckpt
