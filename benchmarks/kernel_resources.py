@@ -101,28 +101,23 @@ def resources(kernel, constexprs: dict, num_warps: int, arch: int, sass: bool = 
 
 
 def scan_layouts(arch: int) -> None:
-    """Print, per kernel and EVEN, how many lane_asm.scan_time PTX calls the compiled kernel has and the layout of the
-    tiles they get, compiled as the launchers run them when vector_tiles() holds (bf16 tiles, 16-divisible sizes and
+    """Print, for EVEN true and false, how many lane_asm.scan_time PTX calls the compiled forward has and the layout of
+    the tiles they get, compiled as the launcher runs it when vector_tiles() holds (bf16 tiles, 16-divisible sizes and
     strides): the PTX assumes eight consecutive steps per thread over 32 lanes (tests/ops/test_lane_asm.py)."""
-    common = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, DELTA_SOFTPLUS=True, CARRY_IN_MEMORY=True, BLOCK_D=1,
-                  BLOCK_N=16, CHUNK_L=512, UNROLL_N=1, PAIRED_BC=True, EDGE_ASM=True, SCAN_ASM=True,
-                  SCAN_FIXUP=True)
-    kernels = [("forward", triton_fwd._selective_scan_fwd_kernel, dict(common, HAS_H0=False, N_STAGES=1)),
-               ("backward", triton_bwd._selective_scan_bwd_kernel,
-                dict(common, HAS_DLAST=False, WANT_DH0=False, ATOMIC_BC=True, N_STAGES=3, FLIP_ADJOINT=True,
-                     LANE_ASM=True))]
-    for name, kernel, constexprs in kernels:
-        for even in (True, False):
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature(kernel, True),
-                                                constexprs=dict(constexprs, EVEN=even), attrs=alignment_hints(kernel)),
-                                      target=GPUTarget("cuda", arch, 32), options={"num_warps": 1})
-            ir = compiled.asm["ttgir"]
-            layouts = dict(re.findall(r"^(#\w+) = (.*)$", ir, flags=re.MULTILINE))
-            # _scan_asm's text is the only inline asm with shfl.sync.up
-            ops = [line for line in ir.splitlines() if "elementwise_inline_asm" in line and "shfl.sync.up" in line]
-            names = sorted({re.search(r"-> tensor<[^,]+, (#\w+)>", line).group(1) for line in ops})
-            print(f"{name} EVEN={even}: {len(ops)} scan_time calls, tiles "
-                  + " | ".join(layouts.get(n, n) for n in names))
+    kernel = triton_fwd._selective_scan_fwd_kernel
+    constexprs = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, HAS_H0=False, DELTA_SOFTPLUS=True,
+                      CARRY_IN_MEMORY=True, BLOCK_D=1, BLOCK_N=16, CHUNK_L=512, N_STAGES=1, UNROLL_N=1, PAIRED_BC=True,
+                      EDGE_ASM=True, SCAN_ASM=True)
+    for even in (True, False):
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature(kernel, True),
+                                            constexprs=dict(constexprs, EVEN=even), attrs=alignment_hints(kernel)),
+                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": 1})
+        ir = compiled.asm["ttgir"]
+        layouts = dict(re.findall(r"^(#\w+) = (.*)$", ir, flags=re.MULTILINE))
+        # _scan_asm's text is the only inline asm with shfl.sync.up
+        ops = [line for line in ir.splitlines() if "elementwise_inline_asm" in line and "shfl.sync.up" in line]
+        names = sorted({re.search(r"-> tensor<[^,]+, (#\w+)>", line).group(1) for line in ops})
+        print(f"forward EVEN={even}: {len(ops)} scan_time calls, tiles " + " | ".join(layouts.get(n, n) for n in names))
 
 
 def moe_kernels(arch: int) -> None:
@@ -172,7 +167,7 @@ def main():
     p.add_argument("--sass", action="store_true", help="also the instruction mix of each kernel's state loop")
     p.add_argument("--moe", action="store_true", help="the MoE's elementwise kernels instead of the scan's")
     p.add_argument("--scan-layouts", action="store_true",
-                   help="only the layout of the tiles lane_asm.scan_time's PTX gets in both kernels")
+                   help="only the layout of the tiles lane_asm.scan_time's PTX gets in the forward")
     a = p.parse_args()
     if a.moe:
         moe_kernels(a.arch)
@@ -182,12 +177,10 @@ def main():
         return
     block_n = triton.next_power_of_2(a.d_state)
     fwd_flags = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, HAS_H0=False, DELTA_SOFTPLUS=True, BLOCK_N=block_n,
-                     CARRY_IN_MEMORY=True, UNROLL_N=1, PAIRED_BC=False, EDGE_ASM=False, EVEN=True, SCAN_ASM=False,
-                     SCAN_FIXUP=True)
+                     CARRY_IN_MEMORY=True, UNROLL_N=1, PAIRED_BC=False, EDGE_ASM=False, EVEN=True, SCAN_ASM=False)
     bwd_flags = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, HAS_DLAST=False, WANT_DH0=False,
                      DELTA_SOFTPLUS=True, BLOCK_N=block_n, CARRY_IN_MEMORY=True, ATOMIC_BC=True, UNROLL_N=1,
-                     PAIRED_BC=False, FLIP_ADJOINT=False, LANE_ASM=False, EDGE_ASM=False, EVEN=True,
-                     SCAN_ASM=False, SCAN_FIXUP=True)
+                     PAIRED_BC=False, FLIP_ADJOINT=False, LANE_ASM=False, EDGE_ASM=False, EVEN=True)
     print(f"sm_{a.arch}, triton {triton.__version__}, d_state {a.d_state}, bf16 activations, z gating, softplus")
     rows = [("fwd scan", triton_fwd._selective_scan_fwd_kernel, c, fwd_flags) for c in FWD]
     rows += [("bwd", triton_bwd._selective_scan_bwd_kernel, c, bwd_flags) for c in BWD]
@@ -198,8 +191,8 @@ def main():
             constexprs["FLIP_ADJOINT"] = "flip" in switches
             constexprs["LANE_ASM"] = block_d == 1 and warps == 1  # the GPU launch's choice
         constexprs["EDGE_ASM"] = "edge" in switches and block_d == 1 and warps == 1
-        constexprs["SCAN_ASM"] = "scan" in switches and block_d == 1 and warps == 1
-        constexprs["SCAN_FIXUP"] = "chain" not in switches
+        if "FLIP_ADJOINT" not in flags:
+            constexprs["SCAN_ASM"] = "scan" in switches and block_d == 1 and warps == 1
         name = f"{name} {switches}" if switches else name
         try:
             usage = resources(kernel, constexprs, warps, a.arch, a.sass)

@@ -53,11 +53,15 @@ SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
 # stages 2 instead of 3 with all three: 2.185 / 8.599 / 3.636. Chunk 256 with paired+flip (call 4): backward 2.150 /
 # 8.007 / 3.543, but the forward at 256 is 0.570 ms: the two must share the chunk, so 512 stays.
 # (chunk_l, block_d, num_warps, n_stages, unroll_n, switches)
-FWD = [(512, 1, 1, 1, 1, "paired+edge"), (512, 1, 1, 1, 1, "paired+edge+scan"),
-       (512, 1, 1, 1, 1, "paired+edge+scan+chain")]
+# A ninth and tenth (2026-11-30, seventh session; H200, triton 3.6, ms at the three SHAPES): the dB / dC atomics
+# through a swizzled shared-memory copy of each row with coalesced red.v4 (73 instructions fewer per state): backward
+# 1.999 / 7.355 / 3.225 -> 2.078 / 7.378 / 3.253, removed. "scan", the forward's affine scan by inline PTX
+# (lane_asm.scan_time): forward 0.426 / 2.006 / 0.810 -> 0.418 / 1.888 / 0.779; its fix-up variant 0.426 / 1.904 /
+# 0.794; the same scans in the backward 2.071 / 7.359 / 3.219 -> 2.107 / 7.533 / 3.317 (fix-up 2.087 / 7.481 /
+# 3.279), so the backward keeps tl.associative_scan.
+FWD = [(512, 1, 1, 1, 1, "paired+edge"), (512, 1, 1, 1, 1, "paired+edge+scan")]
 # Configurations that spill (benchmarks/kernel_resources.py compiles them here, no GPU needed) are left out.
-BWD = [(512, 1, 1, 3, 1, "paired+flip+edge"), (512, 1, 1, 3, 1, "paired+flip+edge+scan"),
-       (512, 1, 1, 3, 1, "paired+flip+edge+scan+chain")]
+BWD = [(512, 1, 1, 3, 1, "paired+flip+edge"), (512, 1, 1, 2, 1, "paired+flip+edge")]
 
 
 # Backward register caps (maxnreg) tried at the table's backward row with --maxnreg: 255 registers allow 8 warps per
@@ -68,8 +72,7 @@ BWD = [(512, 1, 1, 3, 1, "paired+flip+edge"), (512, 1, 1, 3, 1, "paired+flip+edg
 
 def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, maxnreg=None, switches=""):
     """Set the configuration; the kernel not being swept gets one channel per program and one warp. ``switches``:
-    "paired", "flip", "edge", "scan" (joined by +): BlockSizes.paired_bc, flip_adjoint, edge_asm, scan_asm; "chain":
-    scan_fixup=False."""
+    "paired", "flip", "edge", "scan" (joined by +): BlockSizes.paired_bc, flip_adjoint, edge_asm, scan_asm."""
     fwd = fwd or (1, 1)
     bwd = bwd or (1, 1)
     triton_fwd.BLOCK_SIZE_OVERRIDE = triton_fwd.BlockSizes(chunk_l, fwd[0], fwd[1], bwd[0], bwd[1],
@@ -78,8 +81,7 @@ def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, maxnreg=None, switches=
                                                            paired_bc="paired" in switches,
                                                            flip_adjoint="flip" in switches,
                                                            edge_asm="edge" in switches,
-                                                           scan_asm="scan" in switches,
-                                                           scan_fixup="chain" not in switches)
+                                                           scan_asm="scan" in switches)
 
 
 class Checker:

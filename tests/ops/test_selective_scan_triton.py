@@ -176,12 +176,12 @@ def test_whole_chunks_and_channel_blocks_run_unmasked(dtype, variant):
         check_against_reference(args, delta_softplus=True, return_last_state=True, dtype=dtype)
 
 
-@pytest.mark.skipif(DEVICE == "cpu", reason="the inline-PTX scans run on a GPU only (the interpreter takes the "
-                    "tl.associative_scan path, which the tests above cover)")
+@pytest.mark.skipif(DEVICE == "cpu", reason="the forward's inline-PTX scan runs on a GPU only (the interpreter takes "
+                    "the tl.associative_scan path, which the tests above cover)")
 @pytest.mark.parametrize("shape", [(2, 96, 1040, 16, 1), (1, 32, 528, 5, 0), (2, 16, 1024, 64, 2)])
 def test_vector_tile_shapes_match_float64_reference(shape):
-    """bf16 tiles with seqlen and strides multiples of 16 (vector_tiles: the GPU table's inline-PTX scans run), whole
-    and partial chunks, d_state below and above 16, shared and grouped B / C."""
+    """bf16 tiles with seqlen and strides multiples of 16 (vector_tiles: the GPU table's forward runs its inline-PTX
+    scan), whole and partial chunks, d_state below and above 16, shared and grouped B / C."""
     from mamba_r1.ops.selective_scan import triton_fwd
 
     batch, dim, seqlen, d_state, groups = shape

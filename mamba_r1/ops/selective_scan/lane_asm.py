@@ -11,9 +11,9 @@ standing for distinct bits of the position. Two facts follow that hold for every
     converts the tile through shared memory first.
   * with the vector loads' layout (16-bit tiles: eight consecutive steps per thread, 32 lanes, then the next 256
     steps; #blocked<sizePerThread [1, 8], threadsPerWarp [1, 32]>) a thread's registers are runs of eight steps, so
-    an affine scan can run each run sequentially and pass only one composed map per run between lanes (scan_time).
-    This one depends on the layout Triton picks: the launchers use it only where vector_tiles() holds, and
-    tests/ops/test_lane_asm.py compiles both kernels and checks the layout.
+    an affine scan can run each run sequentially and pass only one composed map per run between lanes (scan_time,
+    the forward's). This one depends on the layout Triton picks: the launcher uses it only where vector_tiles()
+    holds, and tests/ops/test_lane_asm.py compiles the forward and checks the layout.
 Each helper takes ASM (a constexpr): False gives the plain Triton equivalent, which the CPU interpreter runs (it has
 no inline PTX) and which any other program shape needs. lane_asm() says when True is allowed.
 """
@@ -48,16 +48,16 @@ def _edge_asm(pack, last):
 
 
 @triton.constexpr_function
-def _scan_asm(pack, vec, fixup):
+def _scan_asm(pack, vec):
     """Inclusive scan of h_t = d_t h_(t-1) + x_t (h_(-1) = 0) over a one-warp tile whose registers are runs of vec
     consecutive steps (run r of lane l: steps 32 vec r + vec l ...). Operands: h outputs $0.., decays $pack..,
-    inputs $(2 pack)... Per run: (1) the run scanned from 0 into the outputs, beside the running products of its
-    decays (the last pair is the run's composed map (A, B)); (2) an inclusive Hillis-Steele scan of the runs' maps
-    over the lanes (shuffles up by 1..16, applied where the source lane exists, by predicate rather than select),
-    shifted by one lane to exclusive; (3) runs after the first start from the previous run's end state H (lane 31's,
-    broadcast): carry = A_excl H + B_excl; (4) each output fixed up in one FMA: h += running product * carry.
-    Without fixup, (1) keeps only each run's map (a product tree, one register for the scan) and (4) scans the run
-    again from its carry: the same instruction count, fewer live registers, a longer dependency chain."""
+    inputs $(2 pack)... Per run: (1) the run's composed map (A, B): the product of its decays (a tree) and its scan
+    from 0 (one register); (2) an inclusive Hillis-Steele scan of the runs' maps over the lanes (shuffles up by
+    1..16, applied where the source lane exists, by predicate rather than select), shifted by one lane to exclusive;
+    (3) runs after the first start from the previous run's end state H (lane 31's, broadcast): carry = A_excl H +
+    B_excl; (4) the run scanned again from its carry. A fix-up variant (running products kept per step, one FMA per
+    step from the carry: same instruction count, shorter dependency chain, more live registers) was 1-2% slower in
+    the forward on an H200 (benchmarks/RESULTS.md)."""
     runs = pack // vec
     one = "0f3F800000"
     lines = ["{", f".reg .pred %p<{runs}>;",
@@ -70,24 +70,16 @@ def _scan_asm(pack, vec, fixup):
     def inp(k):
         return f"${2 * pack + k}"
 
-    for r in range(runs):  # (1) each run from 0, and the running products of its decays (%q)
+    for r in range(runs):  # (1) each run's map: its decays' product as a tree, its scan from 0 in one register
         k0 = r * vec
-        if fixup:
-            lines += [f"mov.b32 ${k0}, {inp(k0)};", f"mov.b32 %q{k0}, {dec(k0)};"]
-            for j in range(1, vec):
-                k = k0 + j
-                lines += [f"fma.rn.f32 ${k}, {dec(k)}, ${k - 1}, {inp(k)};",
-                          f"mul.rn.f32 %q{k}, %q{k - 1}, {dec(k)};"]
-            lines += [f"mov.b32 %sa{r}, %q{k0 + vec - 1};", f"mov.b32 %sb{r}, ${k0 + vec - 1};"]
-        else:  # only the run's map: its decays' product as a tree, its scan from 0 in one register
-            level = [dec(k0 + j) for j in range(vec)]
-            while len(level) > 1:
-                level_regs = [f"%sa{r}" if len(level) == 2 else f"%q{k0 + len(level) // 2 + j // 2}"
-                              for j in range(0, len(level), 2)]
-                lines += [f"mul.rn.f32 {reg}, {level[2 * i]}, {level[2 * i + 1]};" for i, reg in enumerate(level_regs)]
-                level = level_regs
-            lines.append(f"mov.b32 %sb{r}, {inp(k0)};")
-            lines += [f"fma.rn.f32 %sb{r}, {dec(k0 + j)}, %sb{r}, {inp(k0 + j)};" for j in range(1, vec)]
+        level = [dec(k0 + j) for j in range(vec)]
+        while len(level) > 1:
+            level_regs = [f"%sa{r}" if len(level) == 2 else f"%q{k0 + len(level) // 2 + j // 2}"
+                          for j in range(0, len(level), 2)]
+            lines += [f"mul.rn.f32 {reg}, {level[2 * i]}, {level[2 * i + 1]};" for i, reg in enumerate(level_regs)]
+            level = level_regs
+        lines.append(f"mov.b32 %sb{r}, {inp(k0)};")
+        lines += [f"fma.rn.f32 %sb{r}, {dec(k0 + j)}, %sb{r}, {inp(k0 + j)};" for j in range(1, vec)]
     for step in (1, 2, 4, 8, 16):  # (2) inclusive scan of the runs' maps over the lanes
         for r in range(runs):
             need_a = not (r == 0 and step == 16)  # run 0 needs no product past its last step (it starts from 0)
@@ -110,12 +102,9 @@ def _scan_asm(pack, vec, fixup):
             lines += [f"shfl.sync.idx.b32 %ha, %sa{r - 1}, 31, 31, -1;",
                       f"shfl.sync.idx.b32 %hb, %sb{r - 1}, 31, 31, -1;", "fma.rn.f32 %hh, %ha, %hh, %hb;"]
         lines.append(f"fma.rn.f32 %c{r}, %xa{r}, %hh, %xb{r};")
-    for r in range(runs):  # (4) every output fixed up from its run's carry, or the run scanned again from it
-        if fixup:
-            lines += [f"fma.rn.f32 ${k}, %q{k}, %c{r}, ${k};" for k in range(r * vec, (r + 1) * vec)]
-        else:
-            lines += [f"fma.rn.f32 ${k}, {dec(k)}, {f'${k - 1}' if k % vec else f'%c{r}'}, {inp(k)};"
-                      for k in range(r * vec, (r + 1) * vec)]
+    for r in range(runs):  # (4) each run scanned again, from its carry
+        lines += [f"fma.rn.f32 ${k}, {dec(k)}, {f'${k - 1}' if k % vec else f'%c{r}'}, {inp(k)};"
+                  for k in range(r * vec, (r + 1) * vec)]
     lines.append("}")
     return "\n".join(lines)
 
@@ -172,14 +161,14 @@ def affine_combine(decay_left, value_left, decay_right, value_right):
 
 
 @triton.jit
-def scan_time(decay, x, CHUNK_L: tl.constexpr, ASM: tl.constexpr, FIXUP: tl.constexpr):
+def scan_time(decay, x, CHUNK_L: tl.constexpr, ASM: tl.constexpr):
     """h (BLOCK_D, CHUNK_L) float32 with h_t = decay_t h_(t-1) + x_t along time from h_(-1) = 0 (a start state is
     folded into x_0 by the caller). With ASM (one channel on one warp in the vector loads' layout: see vector_tiles
-    in triton_fwd.py) the inline-PTX scan of _scan_asm (FIXUP: its variant); otherwise tl.associative_scan."""
+    in triton_fwd.py) the inline-PTX scan of _scan_asm; otherwise tl.associative_scan."""
     if ASM:
         tl.static_assert(CHUNK_L == 256 or CHUNK_L == 512 or CHUNK_L == 1024,
                          "scan_time(ASM=True) takes chunks of 256, 512 or 1024 steps")
-        bits = tl.inline_asm_elementwise(_scan_asm(CHUNK_L // 32, 8, FIXUP), _scan_constraints(CHUNK_L // 32),
+        bits = tl.inline_asm_elementwise(_scan_asm(CHUNK_L // 32, 8), _scan_constraints(CHUNK_L // 32),
                                          [decay.to(tl.int32, bitcast=True), x.to(tl.int32, bitcast=True)],
                                          dtype=tl.int32, is_pure=True, pack=CHUNK_L // 32)
         return bits.to(tl.float32, bitcast=True)

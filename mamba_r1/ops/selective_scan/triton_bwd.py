@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mamba_r1.ops.selective_scan.lane_asm import affine_combine, flip_time, lane_asm, scan_time, store_edge
+from mamba_r1.ops.selective_scan.lane_asm import affine_combine, flip_time, lane_asm, store_edge
 from mamba_r1.ops.selective_scan.triton_fwd import (
     LN2,
     LOG2E,
@@ -36,7 +36,6 @@ from mamba_r1.ops.selective_scan.triton_fwd import (
     interpreting,
     load_state_row,
     softplus,
-    vector_tiles,
 )
 
 
@@ -68,7 +67,7 @@ def _selective_scan_bwd_kernel(
     WANT_DH0: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr, ATOMIC_BC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
     UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr, FLIP_ADJOINT: tl.constexpr, LANE_ASM: tl.constexpr,
-    EDGE_ASM: tl.constexpr, EVEN: tl.constexpr, SCAN_ASM: tl.constexpr, SCAN_FIXUP: tl.constexpr,
+    EDGE_ASM: tl.constexpr, EVEN: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
     pid_batch = tl.program_id(1).to(tl.int64)
@@ -189,8 +188,8 @@ def _selective_scan_bwd_kernel(
             decay = tl.exp2(dt * A_n[:, None])
             # The chunk-start state enters the first step's input (as in the forward): the scan's cumulative decays
             # go unused and the compiler drops them.
-            h_n = scan_time(decay, tl.where(offs_l[None, :] == 0, x + decay * h_start[:, None], x), CHUNK_L,
-                            SCAN_ASM, SCAN_FIXUP)
+            _, h_n = tl.associative_scan((decay, tl.where(offs_l[None, :] == 0, x + decay * h_start[:, None], x)), 1,
+                                         affine_combine)
             if HAS_Z:
                 y += h_n * C_n[None, :]
             # 2. adjoint, right to left, continued from the chunk to the right
@@ -205,7 +204,7 @@ def _selective_scan_bwd_kernel(
                 # Reversed time s = CHUNK_L - 1 - t: G_s = dyC_s + decay_next_s G_{s-1}, the chunk's last step first.
                 dy_C = flip_time(dy * C_n[None, :], CHUNK_L, LANE_ASM)
                 dy_C = tl.where(offs_l[None, :] == 0, dy_C + decay_next * g_end[:, None], dy_C)
-                g_n = scan_time(decay_next, dy_C, CHUNK_L, SCAN_ASM, SCAN_FIXUP)
+                _, g_n = tl.associative_scan((decay_next, dy_C), 1, affine_combine)
                 g_n = flip_time(g_n, CHUNK_L, LANE_ASM)
             else:
                 dy_C = dy * C_n[None, :]
@@ -363,8 +362,6 @@ def selective_scan_bwd_launch(
         FLIP_ADJOINT=sizes.flip_adjoint,
         LANE_ASM=lane_asm_ok, EDGE_ASM=sizes.edge_asm and lane_asm_ok,
         EVEN=even_tiles(seqlen, sizes.chunk_l, dim_per_group, block_d),
-        SCAN_ASM=sizes.scan_asm and lane_asm_ok and vector_tiles(seqlen, (u, delta, dout, z, du, ddelta, dz)),
-        SCAN_FIXUP=sizes.scan_fixup,
         num_warps=sizes.bwd_warps, **launch_options,
     )
     return {

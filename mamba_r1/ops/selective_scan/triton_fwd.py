@@ -60,11 +60,11 @@ class BlockSizes:
     # backward's first-step adjoint) from the register that holds it (lane_asm.store_edge) instead of a masked
     # tl.store, which converts the tile through shared memory first.
     edge_asm: bool = False
-    # GPU, one channel on one warp, 16-bit tiles (vector_tiles): the affine scans by inline PTX that runs each thread's
-    # runs of eight steps sequentially and passes one composed map per run between lanes (lane_asm.scan_time)
-    # instead of tl.associative_scan, whose lowering keeps a cumulative decay per step for a fix-up pass.
+    # Forward, GPU, one channel on one warp, 16-bit tiles (vector_tiles): the affine scan by inline PTX that runs each
+    # thread's runs of eight steps sequentially and passes one composed map per run between lanes, predicated
+    # (lane_asm.scan_time), instead of tl.associative_scan: 2-6% faster forward on an H200. In the backward the same
+    # scans were 1-2% slower (its loop is latency-bound) and it keeps tl.associative_scan.
     scan_asm: bool = False
-    scan_fixup: bool = True  # its variant (lane_asm._scan_asm): a fix-up FMA per step, or a second sequential pass
 
 
 # GPU tuning edits this table only. "cuda": from two sweeps with benchmarks/tune_scan.py on an H200 (2026-11-30, bf16;
@@ -152,10 +152,10 @@ def even_tiles(seqlen: int, chunk_l: int, dim_per_group: int, block_d: int) -> b
 
 
 def vector_tiles(seqlen: int, tiles) -> bool:
-    """Whether a kernel's (batch, dim, seqlen) tiles (``tiles``; None skipped) get the 16-byte vector loads' layout,
-    eight consecutive steps per thread, that lane_asm.scan_time's PTX relies on: every one 16-bit and 16-byte aligned,
-    with seqlen and the batch and channel strides multiples of 16 (so the launch marks them divisible by 16).
-    tests/ops/test_lane_asm.py compiles both kernels under these conditions and checks the layout."""
+    """Whether the forward's (batch, dim, seqlen) tiles (``tiles``; None skipped) get the 16-byte vector loads'
+    layout, eight consecutive steps per thread, that lane_asm.scan_time's PTX relies on: every one 16-bit and 16-byte
+    aligned, with seqlen and the batch and channel strides multiples of 16 (so the launch marks them divisible by 16).
+    tests/ops/test_lane_asm.py compiles the forward under these conditions and checks the layout."""
     if seqlen % 16:
         return False
     return all(t.element_size() == 2 and t.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in t.stride()[:-1])
@@ -195,7 +195,7 @@ def _selective_scan_fwd_kernel(
     DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
     UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr, EDGE_ASM: tl.constexpr, EVEN: tl.constexpr,
-    SCAN_ASM: tl.constexpr, SCAN_FIXUP: tl.constexpr,
+    SCAN_ASM: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
     pid_batch = tl.program_id(1).to(tl.int64)
@@ -282,7 +282,7 @@ def _selective_scan_fwd_kernel(
             # than scaling h_start by them afterwards.
             x = dt_u * B_n[None, :]
             x = tl.where(offs_l[None, :] == 0, x + decay * h_start[:, None], x)
-            h_n = scan_time(decay, x, CHUNK_L, SCAN_ASM, SCAN_FIXUP)
+            h_n = scan_time(decay, x, CHUNK_L, SCAN_ASM)
             y += h_n * C_n[None, :]
             if CARRY_IN_MEMORY:
                 # The chunk's last column is the next chunk's checkpoint (or the last state after the last chunk):
@@ -350,7 +350,6 @@ def selective_scan_fwd_launch(
         N_STAGES=sizes.n_stages, UNROLL_N=sizes.unroll_n, PAIRED_BC=pairs is not None,
         EDGE_ASM=sizes.edge_asm and lane_asm_ok, EVEN=even_tiles(seqlen, sizes.chunk_l, dim_per_group, block_d),
         SCAN_ASM=sizes.scan_asm and lane_asm_ok and vector_tiles(seqlen, (u, delta, z, out)),
-        SCAN_FIXUP=sizes.scan_fixup,
         num_warps=sizes.fwd_warps,
     )
     return last_state, ckpt
