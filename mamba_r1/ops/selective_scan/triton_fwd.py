@@ -86,6 +86,9 @@ class BlockSizes:
 # their registers (edge_asm): forward 0.499 / 2.288 / 0.945 -> 0.440 / 2.100 / 0.893, backward 2.442 / 9.845 / 4.252
 # -> 2.065 / 7.916 / 3.359 (benchmarks/RESULTS.md, "sixth session"). dB / dC added by inline-PTX vector reductions in
 # the tiles' own layout lost (backward 1.6x slower: uncoalesced atomics) and were removed.
+# A ninth and tenth (seventh session): the forward's scan in inline PTX (scan_asm) 0.426 / 2.006 / 0.810 -> 0.418 /
+# 1.888 / 0.779 ms; the same scans in the backward, and dB / dC through shared memory, were 1-4% slower (latency-bound
+# loop) and are not used (benchmarks/RESULTS.md, "seventh session").
 # Under the interpreter the blocks are tiny so that small test shapes cross many chunk and block edges, and the two
 # kernels use different block_d on purpose.
 BLOCK_SIZE_TABLE = {
