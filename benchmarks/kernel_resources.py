@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import os
 import re
 import subprocess
@@ -101,23 +102,25 @@ def resources(kernel, constexprs: dict, num_warps: int, arch: int, sass: bool = 
 
 
 def scan_layouts(arch: int) -> None:
-    """Print, for EVEN true and false, how many lane_asm.scan_time PTX calls the compiled forward has and the layout of
-    the tiles they get, compiled as the launcher runs it when vector_tiles() holds (bf16 tiles, 16-divisible sizes and
-    strides): the PTX assumes eight consecutive steps per thread over 32 lanes (tests/ops/test_lane_asm.py)."""
+    """Print, per forward variant the launcher can run when vector_tiles() holds (bf16 tiles, 16-divisible sizes and
+    strides; B and C read as int32 pairs or as bf16, with or without z, with or without masks), how many
+    lane_asm.scan_time PTX calls the compiled kernel has and the layout of the tiles they get: the PTX assumes eight
+    consecutive steps per thread over 32 lanes (tests/ops/test_lane_asm.py checks these lines)."""
     kernel = triton_fwd._selective_scan_fwd_kernel
-    constexprs = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, HAS_H0=False, DELTA_SOFTPLUS=True,
-                      CARRY_IN_MEMORY=True, BLOCK_D=1, BLOCK_N=16, CHUNK_L=512, N_STAGES=1, UNROLL_N=1, PAIRED_BC=True,
-                      EDGE_ASM=True, SCAN_ASM=True)
-    for even in (True, False):
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature(kernel, True),
-                                            constexprs=dict(constexprs, EVEN=even), attrs=alignment_hints(kernel)),
+    base = dict(HAS_D=True, HAS_DELTA_BIAS=True, HAS_H0=False, DELTA_SOFTPLUS=True, CARRY_IN_MEMORY=True, BLOCK_D=1,
+                BLOCK_N=16, CHUNK_L=512, N_STAGES=1, UNROLL_N=1, EDGE_ASM=True, SCAN_ASM=True)
+    for paired, has_z, even in itertools.product((True, False), (True, False), (True, False)):
+        constexprs = dict(base, PAIRED_BC=paired, HAS_Z=has_z, EVEN=even)
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature(kernel, paired), constexprs=constexprs,
+                                            attrs=alignment_hints(kernel)),
                                   target=GPUTarget("cuda", arch, 32), options={"num_warps": 1})
         ir = compiled.asm["ttgir"]
         layouts = dict(re.findall(r"^(#\w+) = (.*)$", ir, flags=re.MULTILINE))
         # _scan_asm's text is the only inline asm with shfl.sync.up
         ops = [line for line in ir.splitlines() if "elementwise_inline_asm" in line and "shfl.sync.up" in line]
         names = sorted({re.search(r"-> tensor<[^,]+, (#\w+)>", line).group(1) for line in ops})
-        print(f"forward EVEN={even}: {len(ops)} scan_time calls, tiles " + " | ".join(layouts.get(n, n) for n in names))
+        print(f"forward PAIRED_BC={paired} HAS_Z={has_z} EVEN={even}: {len(ops)} scan_time calls, tiles "
+              + " | ".join(layouts.get(n, n) for n in names))
 
 
 def moe_kernels(arch: int) -> None:

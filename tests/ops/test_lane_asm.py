@@ -232,8 +232,8 @@ def test_scan_ptx_on_another_layout_gives_another_scan():
 
 def test_forward_tiles_have_the_layout_scan_time_assumes():
     """Compile the forward for sm_90 (no GPU needed; outside the interpreter) as the launcher runs it when
-    vector_tiles() holds, with and without masks: the tiles reaching scan_time's PTX are 8 consecutive steps per
-    thread over 32 lanes."""
+    vector_tiles() holds (B and C as pairs or bf16, with and without z and masks): the tiles reaching scan_time's PTX
+    are 8 consecutive steps per thread over 32 lanes."""
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -241,7 +241,7 @@ def test_forward_tiles_have_the_layout_scan_time_assumes():
                          capture_output=True, text=True, env=env, cwd=root, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if "scan_time" in line]
-    assert len(lines) == 2, out.stdout  # EVEN and not
+    assert len(lines) == 8, out.stdout  # paired or not x z or not x EVEN or not
     for line in lines:
         assert ": 1 scan_time calls," in line, line
         assert line.endswith("#ttg.blocked<{sizePerThread = [1, 8], threadsPerWarp = [1, 32], warpsPerCTA = [1, 1], "

@@ -186,7 +186,7 @@ def test_vector_tile_shapes_match_float64_reference(shape):
 
     batch, dim, seqlen, d_state, groups = shape
     args = make_inputs(batch, dim, seqlen, d_state, groups, dtype=torch.bfloat16)
-    assert triton_fwd.vector_tiles(seqlen, [args["u"], args["delta"], args["z"]])
+    assert triton_fwd.vector_tiles(seqlen, [args[name] for name in ("u", "delta", "z", "B", "C")])
     check_against_reference(args, delta_softplus=True, return_last_state=True, dtype=torch.bfloat16)
 
 

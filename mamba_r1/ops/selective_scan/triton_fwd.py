@@ -155,10 +155,11 @@ def even_tiles(seqlen: int, chunk_l: int, dim_per_group: int, block_d: int) -> b
 
 
 def vector_tiles(seqlen: int, tiles) -> bool:
-    """Whether the forward's (batch, dim, seqlen) tiles (``tiles``; None skipped) get the 16-byte vector loads'
-    layout, eight consecutive steps per thread, that lane_asm.scan_time's PTX relies on: every one 16-bit and 16-byte
-    aligned, with seqlen and the batch and channel strides multiples of 16 (so the launch marks them divisible by 16).
-    tests/ops/test_lane_asm.py compiles the forward under these conditions and checks the layout."""
+    """Whether the forward's time tiles (``tiles``: u, delta, z, out (batch, dim, seqlen) and B, C (batch, groups,
+    d_state, seqlen); None skipped) get the 16-byte vector loads' layout, eight consecutive steps per thread, that
+    lane_asm.scan_time's PTX relies on: every one 16-bit and 16-byte aligned, with seqlen and every other stride a
+    multiple of 16 (so the launch marks them divisible by 16). tests/ops/test_lane_asm.py compiles the forward under
+    these conditions (B and C read as pairs or not, with and without z and masks) and checks the layout."""
     if seqlen % 16:
         return False
     return all(t.element_size() == 2 and t.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in t.stride()[:-1])
@@ -331,10 +332,12 @@ def selective_scan_fwd_launch(
     ckpt = torch.empty(batch, dim, n_chunks, d_state, device=u.device, dtype=torch.float32)
     # Absent optional inputs are never read (their HAS_* flag is False): any tensor stands in for the pointer.
     D_arg, z_arg, bias_arg, h0_arg = (t if t is not None else u for t in (D, z, delta_bias, initial_state))
+    lane_asm_ok = lane_asm(block_d, sizes.fwd_warps, sizes.chunk_l, interpreting())
+    # B and C count too: loaded as other vectors they could give the scan's operands their layout.
+    scan_asm = sizes.scan_asm and lane_asm_ok and vector_tiles(seqlen, (u, delta, z, out, B, C))
     pairs = bf16_pairs(B, C) if sizes.paired_bc else None
     if pairs is not None:
         B, C = pairs  # (batch, groups, d_state, seqlen / 2) int32
-    lane_asm_ok = lane_asm(block_d, sizes.fwd_warps, sizes.chunk_l, interpreting())
     grid = (groups * blocks_per_group, batch)
     _selective_scan_fwd_kernel[grid](
         u, delta, A, B, C, D_arg, z_arg, bias_arg, h0_arg,
@@ -352,7 +355,7 @@ def selective_scan_fwd_launch(
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
         N_STAGES=sizes.n_stages, UNROLL_N=sizes.unroll_n, PAIRED_BC=pairs is not None,
         EDGE_ASM=sizes.edge_asm and lane_asm_ok, EVEN=even_tiles(seqlen, sizes.chunk_l, dim_per_group, block_d),
-        SCAN_ASM=sizes.scan_asm and lane_asm_ok and vector_tiles(seqlen, (u, delta, z, out)),
+        SCAN_ASM=scan_asm,
         num_warps=sizes.fwd_warps,
     )
     return last_state, ckpt
