@@ -16,7 +16,7 @@ from torch import Tensor
 
 from mamba_r1.ops.eager_custom_ops import backward_op, eager_function, run_op
 from mamba_r1.ops.moe_dispatch import DispatchPlan, combine_tokens
-from mamba_r1.ops.moe_expert_ffn import reduce_bias_partials
+from mamba_r1.ops.moe_expert_ffn import block_experts, reduce_bias_partials, row_expert, store_bias_partials
 from mamba_r1.ops.triton_runtime import (
     built_for_interpreter,
     cdiv,
@@ -33,17 +33,6 @@ from mamba_r1.ops.triton_runtime import jit as _jit
 # on an H200 (the backward's best; every forward tile is within 3%). Interpreter: 4 x 8.
 COMBINE_BLOCK_T_CUDA, COMBINE_BLOCK_D_CUDA, COMBINE_WARPS_CUDA = 64, 128, 4
 COMBINE_BLOCK_T_INTERPRET, COMBINE_BLOCK_D_INTERPRET = 4, 8
-
-
-@_jit
-def _row_expert(slot, mask, expert_ptr, capacity, PADDED: tl.constexpr):
-    """The expert of each buffer row: row // capacity in the padded layout, expert_of_slot in the grouped one; -1
-    where masked."""
-    if PADDED:
-        expert = tl.where(mask, slot // capacity, -1)
-    else:
-        expert = tl.load(expert_ptr + slot, mask=mask, other=-1)
-    return expert
 
 
 @_jit
@@ -73,7 +62,7 @@ def _combine_fwd_kernel(
         weight = tl.load(weights_ptr + pair, mask=mask_t, other=0.0).to(rows_ty).to(tl.float32)
         row = tl.load(rows_ptr + slot[:, None] * dim + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            expert = _row_expert(slot, mask_t, expert_ptr, capacity, PADDED)
+            expert = row_expert(slot, mask_t, expert_ptr, capacity, PADDED)
             row += tl.load(bias_ptr + expert[:, None] * dim + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
             row = row.to(rows_ty).to(tl.float32)
         acc += (row * weight[:, None]).to(rows_ty).to(tl.float32)
@@ -98,7 +87,7 @@ def _combine_bwd_kernel(
     owns) and grad_w[a] = <row s (+ its expert's bias), grad_out[t]>, for the assignment a = t * TOP_K + j that owns
     row s. Each assignment owns at most one row, so every write has one writer: no atomics, deterministic. With
     HAS_BIAS the bias gradient (the sum of grad_rows over each expert's rows) leaves as per-(block, expert) column
-    sums at partial row block + expert, as in _bias_act_bwd_kernel (rows are sorted by expert in both layouts)."""
+    sums at partial row block + expert (moe_expert_ffn.store_bias_partials, as bias + activation's backward)."""
     pid = tl.program_id(0)
     offs_s = pid * BLOCK_S + tl.arange(0, BLOCK_S)
     mask_s = offs_s < slots
@@ -108,14 +97,9 @@ def _combine_bwd_kernel(
     token = tl.load(token_of_slot_ptr + offs_s, mask=mask_s, other=0)
     weight = tl.load(weights_ptr + assignment, mask=owned, other=0.0).to(rows_ty).to(tl.float32)
     if HAS_BIAS:
-        expert = _row_expert(offs_s, mask_s, expert_ptr, capacity, PADDED)
-        last_slot = tl.minimum(pid * BLOCK_S + BLOCK_S, slots) - 1
-        if PADDED:
-            first = (pid * BLOCK_S) // capacity
-            last = last_slot // capacity
-        else:
-            first = tl.load(expert_ptr + pid * BLOCK_S)
-            last = tl.load(expert_ptr + last_slot)
+        expert = row_expert(offs_s, mask_s, expert_ptr, capacity, PADDED)
+        first, last = block_experts(pid * BLOCK_S, tl.minimum(pid * BLOCK_S + BLOCK_S, slots) - 1, expert_ptr,
+                                    capacity, PADDED)
     dot = tl.zeros((BLOCK_S,), dtype=tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -132,9 +116,7 @@ def _combine_bwd_kernel(
         grad_rows = (grad * weight[:, None]).to(grad_rows_ptr.dtype.element_ty)
         tl.store(grad_rows_ptr + offs_s.to(tl.int64)[:, None] * dim + offs_d[None, :], grad_rows, mask=mask)
         if HAS_BIAS:
-            for e in range(first, last + 1):
-                column = tl.sum(tl.where((expert == e)[:, None], grad_rows.to(tl.float32), 0.0), axis=0)
-                tl.store(partial_ptr + (pid + e) * dim + offs_d, column, mask=mask_d)
+            store_bias_partials(partial_ptr, pid, grad_rows.to(tl.float32), expert, first, last, offs_d, mask_d, dim)
     tl.store(grad_weights_ptr + assignment, dot, mask=owned)
 
 

@@ -75,6 +75,37 @@ def _act_grad(x, ACT: tl.constexpr):
 
 
 @_jit
+def row_expert(rows, mask, expert_ptr, capacity, PADDED: tl.constexpr):
+    """The expert of each buffer row: row // capacity in the padded layout, expert_of_slot in the grouped one; -1
+    where masked."""
+    if PADDED:
+        expert = tl.where(mask, rows // capacity, -1)
+    else:
+        expert = tl.load(expert_ptr + rows, mask=mask, other=-1)
+    return expert
+
+
+@_jit
+def block_experts(first_row, last_row, expert_ptr, capacity, PADDED: tl.constexpr):
+    """(first, last): the experts of a block's first and last row (rows are sorted by expert in both layouts, so the
+    block holds rows of exactly the experts first..last)."""
+    if PADDED:
+        return first_row // capacity, last_row // capacity
+    else:
+        return tl.load(expert_ptr + first_row), tl.load(expert_ptr + last_row)
+
+
+@_jit
+def store_bias_partials(partial_ptr, block, values, expert, first, last, offs_w, mask_w, width):
+    """For each expert e in first..last, the column sums of the block's float32 ``values`` (BLOCK, BLOCK_W) over e's
+    rows (``expert``), stored at partial row block + e: the layout reduce_bias_partials sums. Along the sorted rows
+    (block, expert) pairs form a staircase, so block + e is unique to each pair: every partial has one writer."""
+    for e in range(first, last + 1):
+        column = tl.sum(tl.where((expert == e)[:, None], values, 0.0), axis=0)
+        tl.store(partial_ptr + (block + e) * width + offs_w, column, mask=mask_w)
+
+
+@_jit
 def _bias_act_fwd_kernel(
     h_ptr,  # (rows, width) contiguous, matmul output
     bias_ptr,  # (num_experts, width)
@@ -88,10 +119,7 @@ def _bias_act_fwd_kernel(
     offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     mask_r = offs_r < n_rows
     mask = mask_r[:, None] & (offs_w < width)[None, :]
-    if PADDED:
-        expert = offs_r // capacity
-    else:
-        expert = tl.load(expert_ptr + offs_r, mask=mask_r, other=0)
+    expert = row_expert(offs_r, mask_r, expert_ptr, capacity, PADDED)
     tile = offs_r.to(tl.int64)[:, None] * width + offs_w[None, :]
     pre = tl.load(h_ptr + tile, mask=mask, other=0.0).to(tl.float32) \
         + tl.load(bias_ptr + expert[:, None] * width + offs_w[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -108,19 +136,15 @@ def _bias_act_bwd_kernel(
     ACT: tl.constexpr, PADDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """One program per (block of rows, block of features): grad_h = grad * act'(h + bias[e]); and, for each expert
-    e with rows in this block (rows are sorted by expert), the block's column sums of grad_h over e's rows, stored
-    at partial row (block + e). Along the sorted rows (block, expert) pairs form a staircase, so block + e is
-    unique to each pair: every partial has one writer, and the sum over blocks is done in a fixed order."""
+    e with rows in this block, the block's column sums of grad_h over e's rows at partial row (block + e)
+    (store_bias_partials), which reduce_bias_partials sums in a fixed order."""
     pid_r = tl.program_id(0)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     mask_r = offs_r < n_rows
     mask_w = offs_w < width
     mask = mask_r[:, None] & mask_w[None, :]
-    if PADDED:
-        expert = tl.where(mask_r, offs_r // capacity, -1)
-    else:
-        expert = tl.load(expert_ptr + offs_r, mask=mask_r, other=-1)
+    expert = row_expert(offs_r, mask_r, expert_ptr, capacity, PADDED)
     tile = offs_r.to(tl.int64)[:, None] * width + offs_w[None, :]
     grad = tl.load(grad_ptr + tile, mask=mask, other=0.0).to(tl.float32)
     if ACT != 0:
@@ -128,15 +152,9 @@ def _bias_act_bwd_kernel(
             + tl.load(bias_ptr + expert[:, None] * width + offs_w[None, :], mask=mask, other=0.0).to(tl.float32)
         grad = grad * _act_grad(pre, ACT)
         tl.store(grad_h_ptr + tile, grad.to(grad_h_ptr.dtype.element_ty), mask=mask)
-    if PADDED:
-        first = (pid_r * BLOCK_R) // capacity
-        last = (tl.minimum(pid_r * BLOCK_R + BLOCK_R, n_rows) - 1) // capacity
-    else:
-        first = tl.load(expert_ptr + pid_r * BLOCK_R)
-        last = tl.load(expert_ptr + tl.minimum(pid_r * BLOCK_R + BLOCK_R, n_rows) - 1)
-    for e in range(first, last + 1):
-        column = tl.sum(tl.where((expert == e)[:, None], grad, 0.0), axis=0)
-        tl.store(partial_ptr + (pid_r + e) * width + offs_w, column, mask=mask_w)
+    first, last = block_experts(pid_r * BLOCK_R, tl.minimum(pid_r * BLOCK_R + BLOCK_R, n_rows) - 1, expert_ptr,
+                                capacity, PADDED)
+    store_bias_partials(partial_ptr, pid_r, grad, expert, first, last, offs_w, mask_w, width)
 
 
 @_jit
