@@ -180,22 +180,28 @@ def main():
         return
     block_n = triton.next_power_of_2(a.d_state)
     fwd_flags = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, HAS_H0=False, DELTA_SOFTPLUS=True, BLOCK_N=block_n,
-                     CARRY_IN_MEMORY=True, UNROLL_N=1, PAIRED_BC=False, EDGE_ASM=False, EVEN=True, SCAN_ASM=False)
+                     CARRY_IN_MEMORY=True, UNROLL_N=1, PAIRED_BC=False, EDGE_ASM=False, EVEN=True, SCAN_ASM=False,
+                     PAIR_STATES=False)
     bwd_flags = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, HAS_DLAST=False, WANT_DH0=False,
                      DELTA_SOFTPLUS=True, BLOCK_N=block_n, CARRY_IN_MEMORY=True, ATOMIC_BC=True, UNROLL_N=1,
-                     PAIRED_BC=False, FLIP_ADJOINT=False, LANE_ASM=False, EDGE_ASM=False, EVEN=True)
+                     PAIRED_BC=False, FLIP_ADJOINT=False, LANE_ASM=False, EDGE_ASM=False, EVEN=True,
+                     JOINT_SCAN=False)
     print(f"sm_{a.arch}, triton {triton.__version__}, d_state {a.d_state}, bf16 activations, z gating, softplus")
     rows = [("fwd scan", triton_fwd._selective_scan_fwd_kernel, c, fwd_flags) for c in FWD]
     rows += [("bwd", triton_bwd._selective_scan_bwd_kernel, c, bwd_flags) for c in BWD]
     for name, kernel, (chunk_l, block_d, warps, stages, unroll, switches), flags in rows:
+        on = set(switches.split("+"))
         constexprs = dict(flags, BLOCK_D=block_d, CHUNK_L=chunk_l, N_STAGES=stages, UNROLL_N=unroll,
-                          PAIRED_BC="paired" in switches)
+                          PAIRED_BC="paired" in on)
         if "FLIP_ADJOINT" in flags:
-            constexprs["FLIP_ADJOINT"] = "flip" in switches
+            constexprs["FLIP_ADJOINT"] = "flip" in on
             constexprs["LANE_ASM"] = block_d == 1 and warps == 1  # the GPU launch's choice
-        constexprs["EDGE_ASM"] = "edge" in switches and block_d == 1 and warps == 1
+        constexprs["EDGE_ASM"] = "edge" in on and block_d == 1 and warps == 1
         if "FLIP_ADJOINT" not in flags:
-            constexprs["SCAN_ASM"] = "scan" in switches and block_d == 1 and warps == 1
+            constexprs["SCAN_ASM"] = "scan" in on and block_d == 1 and warps == 1
+            constexprs["PAIR_STATES"] = "pair" in on
+        else:
+            constexprs["JOINT_SCAN"] = "joint" in on and "flip" in on
         name = f"{name} {switches}" if switches else name
         try:
             usage = resources(kernel, constexprs, warps, a.arch, a.sass)

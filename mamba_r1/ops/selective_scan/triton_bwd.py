@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mamba_r1.ops.selective_scan.lane_asm import affine_combine, flip_time, lane_asm, store_edge
+from mamba_r1.ops.selective_scan.lane_asm import affine_combine, affine_combine2, flip_time, lane_asm, store_edge
 from mamba_r1.ops.selective_scan.triton_fwd import (
     LN2,
     LOG2E,
@@ -67,7 +67,7 @@ def _selective_scan_bwd_kernel(
     WANT_DH0: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr, ATOMIC_BC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
     UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr, FLIP_ADJOINT: tl.constexpr, LANE_ASM: tl.constexpr,
-    EDGE_ASM: tl.constexpr, EVEN: tl.constexpr,
+    EDGE_ASM: tl.constexpr, EVEN: tl.constexpr, JOINT_SCAN: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
     pid_batch = tl.program_id(1).to(tl.int64)
@@ -188,10 +188,11 @@ def _selective_scan_bwd_kernel(
             decay = tl.exp2(dt * A_n[:, None])
             # The chunk-start state enters the first step's input (as in the forward): the scan's cumulative decays
             # go unused and the compiler drops them.
-            _, h_n = tl.associative_scan((decay, tl.where(offs_l[None, :] == 0, x + decay * h_start[:, None], x)), 1,
-                                         affine_combine)
-            if HAS_Z:
-                y += h_n * C_n[None, :]
+            x_in = tl.where(offs_l[None, :] == 0, x + decay * h_start[:, None], x)
+            if not JOINT_SCAN:
+                _, h_n = tl.associative_scan((decay, x_in), 1, affine_combine)
+                if HAS_Z:
+                    y += h_n * C_n[None, :]
             # 2. adjoint, right to left, continued from the chunk to the right
             if CARRY_IN_MEMORY:
                 g_end = tl.load(g_carry_ptr + state_rows + n, mask=mask_d, other=0.0)  # (BLOCK_D,)
@@ -200,7 +201,14 @@ def _selective_scan_bwd_kernel(
                 g_end = tl.sum(tl.where(is_n, g_carry, 0.0), axis=1)  # (BLOCK_D,)
             # Likewise the adjoint from the right enters the last step's input: g_{L-1} = dy C + exp(dt_L A) g_L.
             decay_next = tl.exp2(dt_next * A_n[:, None])
-            if FLIP_ADJOINT:
+            if JOINT_SCAN:
+                dy_C = flip_time(dy * C_n[None, :], CHUNK_L, LANE_ASM)
+                dy_C = tl.where(offs_l[None, :] == 0, dy_C + decay_next * g_end[:, None], dy_C)
+                _, h_n, _, g_n = tl.associative_scan((decay, x_in, decay_next, dy_C), 1, affine_combine2)
+                g_n = flip_time(g_n, CHUNK_L, LANE_ASM)
+                if HAS_Z:
+                    y += h_n * C_n[None, :]
+            elif FLIP_ADJOINT:
                 # Reversed time s = CHUNK_L - 1 - t: G_s = dyC_s + decay_next_s G_{s-1}, the chunk's last step first.
                 dy_C = flip_time(dy * C_n[None, :], CHUNK_L, LANE_ASM)
                 dy_C = tl.where(offs_l[None, :] == 0, dy_C + decay_next * g_end[:, None], dy_C)
@@ -362,6 +370,7 @@ def selective_scan_bwd_launch(
         FLIP_ADJOINT=sizes.flip_adjoint,
         LANE_ASM=lane_asm_ok, EDGE_ASM=sizes.edge_asm and lane_asm_ok,
         EVEN=even_tiles(seqlen, sizes.chunk_l, dim_per_group, block_d),
+        JOINT_SCAN=sizes.joint_scan and sizes.flip_adjoint,
         num_warps=sizes.bwd_warps, **launch_options,
     )
     return {

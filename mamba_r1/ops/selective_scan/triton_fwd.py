@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mamba_r1.ops.selective_scan.lane_asm import lane_asm, scan_time, store_edge
+from mamba_r1.ops.selective_scan.lane_asm import lane_asm, scan_time, scan_time2, store_edge
 from mamba_r1.ops.triton_runtime import built_for_interpreter
 
 
@@ -65,6 +65,12 @@ class BlockSizes:
     # (lane_asm.scan_time), instead of tl.associative_scan: 2-6% faster forward on an H200. In the backward the same
     # scans were 1-2% slower (its loop is latency-bound) and it keeps tl.associative_scan.
     scan_asm: bool = False
+    # Forward, d_state even, carry in memory: two states per iteration of the state loop, their scans in one
+    # (lane_asm.scan_time2), so the two dependency chains can overlap.
+    pair_states: bool = False
+    # Backward: the recompute scan and the adjoint scan of a state in one tl.associative_scan over four tiles (they
+    # are independent), so their shuffles and FMA chains interleave; needs flip_adjoint.
+    joint_scan: bool = False
 
 
 # GPU tuning edits this table only. "cuda": from two sweeps with benchmarks/tune_scan.py on an H200 (2026-11-30, bf16;
@@ -199,7 +205,7 @@ def _selective_scan_fwd_kernel(
     DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
     UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr, EDGE_ASM: tl.constexpr, EVEN: tl.constexpr,
-    SCAN_ASM: tl.constexpr,
+    SCAN_ASM: tl.constexpr, PAIR_STATES: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
     pid_batch = tl.program_id(1).to(tl.int64)
@@ -268,8 +274,36 @@ def _selective_scan_fwd_kernel(
         else:
             y = tl.zeros((BLOCK_D, CHUNK_L), dtype=tl.float32)
 
+        # Two states at a time in one scan (PAIR_STATES, d_state even): their chains interleave.
+        if PAIR_STATES:
+            for n in tl.range(0, d_state, 2, num_stages=N_STAGES):
+                A_n = tl.load(A_rows + n * stride_A_state, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
+                A_m = tl.load(A_rows + (n + 1) * stride_A_state, mask=mask_d, other=0.0).to(tl.float32)
+                B_n = load_state_row(B_group + n * stride_B_state, chunk, seqlen, offs_t, mask_t, CHUNK_L,
+                                     PAIRED_BC, EVEN)
+                B_m = load_state_row(B_group + (n + 1) * stride_B_state, chunk, seqlen, offs_t, mask_t, CHUNK_L,
+                                     PAIRED_BC, EVEN)
+                C_n = load_state_row(C_group + n * stride_C_state, chunk, seqlen, offs_t, mask_t, CHUNK_L,
+                                     PAIRED_BC, EVEN)
+                C_m = load_state_row(C_group + (n + 1) * stride_C_state, chunk, seqlen, offs_t, mask_t, CHUNK_L,
+                                     PAIRED_BC, EVEN)
+                decay = tl.exp2(dt * A_n[:, None])
+                decay_m = tl.exp2(dt * A_m[:, None])
+                hs_n = tl.load(ckpt_rows + chunk * d_state + n, mask=mask_d, other=0.0)  # (BLOCK_D,)
+                hs_m = tl.load(ckpt_rows + chunk * d_state + n + 1, mask=mask_d, other=0.0)
+                x = dt_u * B_n[None, :]
+                x = tl.where(offs_l[None, :] == 0, x + decay * hs_n[:, None], x)
+                x_m = dt_u * B_m[None, :]
+                x_m = tl.where(offs_l[None, :] == 0, x_m + decay_m * hs_m[:, None], x_m)
+                h_n, h_m = scan_time2(decay, x, decay_m, x_m, CHUNK_L, SCAN_ASM)
+                y += h_n * C_n[None, :]
+                y += h_m * C_m[None, :]
+                end_ptr = tl.where(chunk + 1 < n_chunks, ckpt_rows + (chunk + 1) * d_state + n, last_rows + n)
+                store_edge(end_ptr[:, None] + offs_l[None, :] * 0, h_n, mask_d[:, None], True, CHUNK_L, EDGE_ASM)
+                store_edge(end_ptr[:, None] + 1 + offs_l[None, :] * 0, h_m, mask_d[:, None], True, CHUNK_L,
+                           EDGE_ASM)
         # Unrolling / pipelining the state loop lets one state's loads of B and C and its scan overlap another's.
-        for n in tl.range(0, d_state, num_stages=N_STAGES, loop_unroll_factor=UNROLL_N):
+        for n in tl.range(0, d_state if not PAIR_STATES else 0, num_stages=N_STAGES, loop_unroll_factor=UNROLL_N):
             A_n = tl.load(A_rows + n * stride_A_state, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
             B_n = load_state_row(B_group + n * stride_B_state, chunk, seqlen, offs_t, mask_t, CHUNK_L,
                                  PAIRED_BC, EVEN)
@@ -355,7 +389,7 @@ def selective_scan_fwd_launch(
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
         N_STAGES=sizes.n_stages, UNROLL_N=sizes.unroll_n, PAIRED_BC=pairs is not None,
         EDGE_ASM=sizes.edge_asm and lane_asm_ok, EVEN=even_tiles(seqlen, sizes.chunk_l, dim_per_group, block_d),
-        SCAN_ASM=scan_asm,
+        SCAN_ASM=scan_asm, PAIR_STATES=sizes.pair_states and sizes.carry_in_memory and d_state % 2 == 0,
         num_warps=sizes.fwd_warps,
     )
     return last_state, ckpt
