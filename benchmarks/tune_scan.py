@@ -59,11 +59,10 @@ SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
 # (lane_asm.scan_time): forward 0.426 / 2.006 / 0.810 -> 0.418 / 1.888 / 0.779; its fix-up variant 0.426 / 1.904 /
 # 0.794; the same scans in the backward 2.071 / 7.359 / 3.219 -> 2.107 / 7.533 / 3.317 (fix-up 2.087 / 7.481 /
 # 3.279), so the backward keeps tl.associative_scan.
-FWD = [(512, 1, 1, 1, 1, "paired+edge+scan"), (512, 1, 1, 1, 1, "paired+edge+scan+pair"),
-       (512, 1, 1, 1, 1, "paired+edge+pair")]
+FWD = [(512, 1, 1, 1, 1, "paired+edge+scan"), (512, 1, 1, 1, 1, "paired+edge+scan+two"),
+       (512, 1, 1, 1, 1, "paired+edge+scan+four")]
 # Configurations that spill (benchmarks/kernel_resources.py compiles them here, no GPU needed) are left out.
-BWD = [(512, 1, 1, 3, 1, "paired+flip+edge"), (512, 1, 1, 3, 1, "paired+flip+edge+joint"),
-       (512, 1, 1, 2, 1, "paired+flip+edge+joint")]
+BWD = [(512, 1, 1, 3, 1, "paired+flip+edge+joint"), (512, 1, 1, 3, 1, "paired+flip+edge+joint+bscan")]
 
 
 # Backward register caps (maxnreg) tried at the table's backward row with --maxnreg: 255 registers allow 8 warps per
@@ -74,8 +73,8 @@ BWD = [(512, 1, 1, 3, 1, "paired+flip+edge"), (512, 1, 1, 3, 1, "paired+flip+edg
 
 def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, maxnreg=None, switches=""):
     """Set the configuration; the kernel not being swept gets one channel per program and one warp. ``switches``:
-    "paired", "flip", "edge", "scan", "pair", "joint" (joined by +): BlockSizes.paired_bc, flip_adjoint, edge_asm,
-    scan_asm, pair_states, joint_scan."""
+    "paired", "flip", "edge", "scan", "two" / "four", "joint", "bscan" (joined by +): BlockSizes.paired_bc,
+    flip_adjoint, edge_asm, scan_asm, fwd_states 2 / 4, joint_scan, bwd_scan_asm."""
     fwd = fwd or (1, 1)
     bwd = bwd or (1, 1)
     on = set(switches.split("+"))
@@ -86,8 +85,9 @@ def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, maxnreg=None, switches=
                                                            flip_adjoint="flip" in on,
                                                            edge_asm="edge" in on,
                                                            scan_asm="scan" in on,
-                                                           pair_states="pair" in on,
-                                                           joint_scan="joint" in on)
+                                                           fwd_states=4 if "four" in on else 2 if "two" in on else 1,
+                                                           joint_scan="joint" in on,
+                                                           bwd_scan_asm="bscan" in on)
 
 
 class Checker:

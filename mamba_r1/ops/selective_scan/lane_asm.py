@@ -124,19 +124,18 @@ def _scan_asm(pack, vec):
 
 
 @triton.constexpr_function
-def _scan2_asm(pack, vec):
-    """Two independent scans in one block, their instructions interleaved phase by phase so that each one's
-    dependency chains (the FMA chains, the shuffles) overlap the other's. Operands: h outputs $0.. and $pack..,
-    then decays $(2 pack).., inputs $(3 pack).. of the first scan, decays $(4 pack).., inputs $(5 pack).. of the
-    second."""
-    first = _scan_phases(pack, vec, lambda k: f"${k}", lambda k: f"${2 * pack + k}", lambda k: f"${3 * pack + k}",
-                         "f")
-    second = _scan_phases(pack, vec, lambda k: f"${pack + k}", lambda k: f"${4 * pack + k}",
-                          lambda k: f"${5 * pack + k}", "s")
-    lines = ["{"] + first[0] + second[0]
-    for phase_a, phase_b in zip(first[1], second[1]):
-        for j in range(max(len(phase_a), len(phase_b))):
-            lines += phase_a[j:j + 1] + phase_b[j:j + 1]
+def _scans_asm(pack, vec, count):
+    """count independent scans in one block, their instructions interleaved phase by phase so that each one's
+    dependency chains (the FMA chains, the shuffles) overlap the others'. Operands: the scans' h outputs
+    ($0.., $pack.., ...), then each scan's decays and inputs in turn ($(count pack).. decays and
+    $((count + 1) pack).. inputs of the first scan, and so on)."""
+    scans = [_scan_phases(pack, vec, lambda k, i=i: f"${i * pack + k}",
+                          lambda k, i=i: f"${(count + 2 * i) * pack + k}",
+                          lambda k, i=i: f"${(count + 2 * i + 1) * pack + k}", f"s{i}") for i in range(count)]
+    lines = ["{"] + [decl for decls, _ in scans for decl in decls]
+    for phase in zip(*(phases for _, phases in scans)):
+        for j in range(max(len(lines_i) for lines_i in phase)):
+            lines += [line for lines_i in phase for line in lines_i[j:j + 1]]
     return "\n".join(lines + ["}"])
 
 
@@ -147,7 +146,7 @@ def _constraints(pack, with_addresses):
 
 
 @triton.constexpr_function
-def _scan_constraints(pack, scans=1):
+def _scan_constraints(pack, scans):
     """pack outputs, pack decays, pack inputs (32-bit registers) per scan."""
     return ",".join(["=r"] * (pack * scans) + ["r"] * (2 * pack * scans))
 
@@ -199,7 +198,7 @@ def scan_time(decay, x, CHUNK_L: tl.constexpr, ASM: tl.constexpr):
     if ASM:
         tl.static_assert(CHUNK_L == 256 or CHUNK_L == 512 or CHUNK_L == 1024,
                          "scan_time(ASM=True) takes chunks of 256, 512 or 1024 steps")
-        bits = tl.inline_asm_elementwise(_scan_asm(CHUNK_L // 32, 8), _scan_constraints(CHUNK_L // 32),
+        bits = tl.inline_asm_elementwise(_scan_asm(CHUNK_L // 32, 8), _scan_constraints(CHUNK_L // 32, 1),
                                          [decay.to(tl.int32, bitcast=True), x.to(tl.int32, bitcast=True)],
                                          dtype=tl.int32, is_pure=True, pack=CHUNK_L // 32)
         return bits.to(tl.float32, bitcast=True)
@@ -215,16 +214,42 @@ def affine_combine2(a1, b1, c1, d1, a2, b2, c2, d2):
 
 
 @triton.jit
-def scan_time2(decay, x, decay2, x2, CHUNK_L: tl.constexpr, ASM: tl.constexpr):
+def affine_combine4(a1, b1, c1, d1, e1, f1, g1, h1, a2, b2, c2, d2, e2, f2, g2, h2):
+    """Four independent affine scans in one."""
+    return a1 * a2, b1 * a2 + b2, c1 * c2, d1 * c2 + d2, e1 * e2, f1 * e2 + f2, g1 * g2, h1 * g2 + h2
+
+
+@triton.jit
+def scan_time2(decay0, x0, decay1, x1, CHUNK_L: tl.constexpr, ASM: tl.constexpr):
     """Two independent scans (see scan_time) in one, so their dependency chains interleave."""
     if ASM:
         tl.static_assert(CHUNK_L == 256 or CHUNK_L == 512 or CHUNK_L == 1024,
                          "scan_time2(ASM=True) takes chunks of 256, 512 or 1024 steps")
-        h, h2 = tl.inline_asm_elementwise(_scan2_asm(CHUNK_L // 32, 8), _scan_constraints(CHUNK_L // 32, 2),
-                                          [decay.to(tl.int32, bitcast=True), x.to(tl.int32, bitcast=True),
-                                           decay2.to(tl.int32, bitcast=True), x2.to(tl.int32, bitcast=True)],
-                                          dtype=(tl.int32, tl.int32), is_pure=True, pack=CHUNK_L // 32)
-        return h.to(tl.float32, bitcast=True), h2.to(tl.float32, bitcast=True)
+        h0, h1 = tl.inline_asm_elementwise(
+            _scans_asm(CHUNK_L // 32, 8, 2), _scan_constraints(CHUNK_L // 32, 2),
+            [decay0.to(tl.int32, bitcast=True), x0.to(tl.int32, bitcast=True), decay1.to(tl.int32, bitcast=True),
+             x1.to(tl.int32, bitcast=True)], dtype=(tl.int32, tl.int32), is_pure=True, pack=CHUNK_L // 32)
+        return h0.to(tl.float32, bitcast=True), h1.to(tl.float32, bitcast=True)
     else:
-        _, h, _, h2 = tl.associative_scan((decay, x, decay2, x2), 1, affine_combine2)
-        return h, h2
+        _, h0, _, h1 = tl.associative_scan((decay0, x0, decay1, x1), 1, affine_combine2)
+        return h0, h1
+
+
+@triton.jit
+def scan_time4(decay0, x0, decay1, x1, decay2, x2, decay3, x3, CHUNK_L: tl.constexpr, ASM: tl.constexpr):
+    """Four independent scans (see scan_time) in one."""
+    if ASM:
+        tl.static_assert(CHUNK_L == 256 or CHUNK_L == 512 or CHUNK_L == 1024,
+                         "scan_time4(ASM=True) takes chunks of 256, 512 or 1024 steps")
+        h0, h1, h2, h3 = tl.inline_asm_elementwise(
+            _scans_asm(CHUNK_L // 32, 8, 4), _scan_constraints(CHUNK_L // 32, 4),
+            [decay0.to(tl.int32, bitcast=True), x0.to(tl.int32, bitcast=True), decay1.to(tl.int32, bitcast=True),
+             x1.to(tl.int32, bitcast=True), decay2.to(tl.int32, bitcast=True), x2.to(tl.int32, bitcast=True),
+             decay3.to(tl.int32, bitcast=True), x3.to(tl.int32, bitcast=True)],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=CHUNK_L // 32)
+        return (h0.to(tl.float32, bitcast=True), h1.to(tl.float32, bitcast=True), h2.to(tl.float32, bitcast=True),
+                h3.to(tl.float32, bitcast=True))
+    else:
+        _, h0, _, h1, _, h2, _, h3 = tl.associative_scan((decay0, x0, decay1, x1, decay2, x2, decay3, x3), 1,
+                                                         affine_combine4)
+        return h0, h1, h2, h3

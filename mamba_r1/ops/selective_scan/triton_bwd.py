@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mamba_r1.ops.selective_scan.lane_asm import affine_combine, affine_combine2, flip_time, lane_asm, store_edge
+from mamba_r1.ops.selective_scan.lane_asm import affine_combine, flip_time, lane_asm, scan_time2, store_edge
 from mamba_r1.ops.selective_scan.triton_fwd import (
     LN2,
     LOG2E,
@@ -36,6 +36,7 @@ from mamba_r1.ops.selective_scan.triton_fwd import (
     interpreting,
     load_state_row,
     softplus,
+    vector_tiles,
 )
 
 
@@ -67,7 +68,7 @@ def _selective_scan_bwd_kernel(
     WANT_DH0: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr, ATOMIC_BC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
     UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr, FLIP_ADJOINT: tl.constexpr, LANE_ASM: tl.constexpr,
-    EDGE_ASM: tl.constexpr, EVEN: tl.constexpr, JOINT_SCAN: tl.constexpr,
+    EDGE_ASM: tl.constexpr, EVEN: tl.constexpr, JOINT_SCAN: tl.constexpr, SCAN_ASM: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
     pid_batch = tl.program_id(1).to(tl.int64)
@@ -204,7 +205,7 @@ def _selective_scan_bwd_kernel(
             if JOINT_SCAN:
                 dy_C = flip_time(dy * C_n[None, :], CHUNK_L, LANE_ASM)
                 dy_C = tl.where(offs_l[None, :] == 0, dy_C + decay_next * g_end[:, None], dy_C)
-                _, h_n, _, g_n = tl.associative_scan((decay, x_in, decay_next, dy_C), 1, affine_combine2)
+                h_n, g_n = scan_time2(decay, x_in, decay_next, dy_C, CHUNK_L, SCAN_ASM)
                 g_n = flip_time(g_n, CHUNK_L, LANE_ASM)
                 if HAS_Z:
                     y += h_n * C_n[None, :]
@@ -341,10 +342,12 @@ def selective_scan_bwd_launch(
         return t if t is not None else u
 
     z_arg, dz_arg = ptr(z), ptr(dz)
+    lane_asm_ok = lane_asm(block_d, sizes.bwd_warps, sizes.chunk_l, interpreting())
+    scan_asm = (sizes.bwd_scan_asm and sizes.joint_scan and sizes.flip_adjoint and lane_asm_ok
+                and vector_tiles(seqlen, (u, delta, z, dout, du, ddelta, dz, B, C)))
     pairs = bf16_pairs(B, C) if sizes.paired_bc else None
     if pairs is not None:
         B, C = pairs  # (batch, groups, d_state, seqlen / 2) int32
-    lane_asm_ok = lane_asm(block_d, sizes.bwd_warps, sizes.chunk_l, interpreting())
     grid = (groups * blocks_per_group, batch)
     launch_options = {} if sizes.bwd_maxnreg is None else {"maxnreg": sizes.bwd_maxnreg}
     _selective_scan_bwd_kernel[grid](
@@ -371,6 +374,7 @@ def selective_scan_bwd_launch(
         LANE_ASM=lane_asm_ok, EDGE_ASM=sizes.edge_asm and lane_asm_ok,
         EVEN=even_tiles(seqlen, sizes.chunk_l, dim_per_group, block_d),
         JOINT_SCAN=sizes.joint_scan and sizes.flip_adjoint,
+        SCAN_ASM=scan_asm,
         num_warps=sizes.bwd_warps, **launch_options,
     )
     return {
