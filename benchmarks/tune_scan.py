@@ -60,9 +60,12 @@ SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
 # 0.794; the same scans in the backward 2.071 / 7.359 / 3.219 -> 2.107 / 7.533 / 3.317 (fix-up 2.087 / 7.481 /
 # 3.279), so the backward keeps tl.associative_scan.
 FWD = [(512, 1, 1, 1, 1, "paired+edge+scan"), (512, 1, 1, 1, 1, "paired+edge+scan+two"),
+       (512, 1, 1, 1, 1, "paired+edge+scan"), (512, 1, 1, 1, 1, "paired+edge+scan+two"),
        (512, 1, 1, 1, 1, "paired+edge+scan+four")]
 # Configurations that spill (benchmarks/kernel_resources.py compiles them here, no GPU needed) are left out.
-BWD = [(512, 1, 1, 3, 1, "paired+flip+edge+joint"), (512, 1, 1, 3, 1, "paired+flip+edge+joint+bscan")]
+BWD = [(512, 1, 1, 3, 1, "paired+flip+edge"), (512, 1, 1, 3, 1, "paired+flip+edge+joint"),
+       (512, 1, 1, 3, 1, "paired+flip+edge"), (512, 1, 1, 3, 1, "paired+flip+edge+joint"),
+       (512, 1, 1, 3, 1, "paired+flip+edge+joint+bscan")]
 
 
 # Backward register caps (maxnreg) tried at the table's backward row with --maxnreg: 255 registers allow 8 warps per
@@ -118,7 +121,7 @@ def time_fwd(shape):
 
     with torch.no_grad():
         return triton.testing.do_bench(lambda: selective_scan(**args, delta_softplus=True, backend="triton"),
-                                       warmup=10, rep=40, return_mode="median")
+                                       warmup=25, rep=100, return_mode="median")
 
 
 def time_bwd(shape):
@@ -138,7 +141,7 @@ def time_bwd(shape):
         triton_bwd.selective_scan_bwd_launch(dout, None, u, delta, args["A"], B, C, args["D"], z, args["delta_bias"],
                                              ckpt, True, False, du, ddelta, dz)
 
-    return triton.testing.do_bench(bwd, warmup=5, rep=40, return_mode="median")
+    return triton.testing.do_bench(bwd, warmup=25, rep=100, return_mode="median")
 
 
 def main():
