@@ -108,7 +108,7 @@ def scan_layouts(arch: int) -> None:
     consecutive steps per thread over 32 lanes (tests/ops/test_lane_asm.py checks these lines)."""
     kernel = triton_fwd._selective_scan_fwd_kernel
     base = dict(HAS_D=True, HAS_DELTA_BIAS=True, HAS_H0=False, DELTA_SOFTPLUS=True, CARRY_IN_MEMORY=True, BLOCK_D=1,
-                BLOCK_N=16, CHUNK_L=512, N_STAGES=1, UNROLL_N=1, EDGE_ASM=True, SCAN_ASM=True, STATES_PER_ITER=1)
+                BLOCK_N=16, CHUNK_L=512, N_STAGES=1, UNROLL_N=1, EDGE_ASM=True, SCAN_ASM=True)
     for paired, has_z, even in itertools.product((True, False), (True, False), (True, False)):
         constexprs = dict(base, PAIRED_BC=paired, HAS_Z=has_z, EVEN=even)
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature(kernel, paired), constexprs=constexprs,
@@ -180,12 +180,11 @@ def main():
         return
     block_n = triton.next_power_of_2(a.d_state)
     fwd_flags = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, HAS_H0=False, DELTA_SOFTPLUS=True, BLOCK_N=block_n,
-                     CARRY_IN_MEMORY=True, UNROLL_N=1, PAIRED_BC=False, EDGE_ASM=False, EVEN=True, SCAN_ASM=False,
-                     STATES_PER_ITER=1)
+                     CARRY_IN_MEMORY=True, UNROLL_N=1, PAIRED_BC=False, EDGE_ASM=False, EVEN=True, SCAN_ASM=False)
     bwd_flags = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, HAS_DLAST=False, WANT_DH0=False,
                      DELTA_SOFTPLUS=True, BLOCK_N=block_n, CARRY_IN_MEMORY=True, ATOMIC_BC=True, UNROLL_N=1,
                      PAIRED_BC=False, FLIP_ADJOINT=False, LANE_ASM=False, EDGE_ASM=False, EVEN=True,
-                     JOINT_SCAN=False, SCAN_ASM=False)
+                     JOINT_SCAN=False)
     print(f"sm_{a.arch}, triton {triton.__version__}, d_state {a.d_state}, bf16 activations, z gating, softplus")
     rows = [("fwd scan", triton_fwd._selective_scan_fwd_kernel, c, fwd_flags) for c in FWD]
     rows += [("bwd", triton_bwd._selective_scan_bwd_kernel, c, bwd_flags) for c in BWD]
@@ -199,10 +198,8 @@ def main():
         constexprs["EDGE_ASM"] = "edge" in on and block_d == 1 and warps == 1
         if "FLIP_ADJOINT" not in flags:
             constexprs["SCAN_ASM"] = "scan" in on and block_d == 1 and warps == 1
-            constexprs["STATES_PER_ITER"] = 4 if "four" in on else 2 if "two" in on else 1
         else:
             constexprs["JOINT_SCAN"] = "joint" in on and "flip" in on
-            constexprs["SCAN_ASM"] = "bscan" in on and constexprs["JOINT_SCAN"] and block_d == 1 and warps == 1
         name = f"{name} {switches}" if switches else name
         try:
             usage = resources(kernel, constexprs, warps, a.arch, a.sass)

@@ -11,6 +11,7 @@ separately (the backward alone, from the forward's checkpoints of the same chunk
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,13 +60,10 @@ SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
 # (lane_asm.scan_time): forward 0.426 / 2.006 / 0.810 -> 0.418 / 1.888 / 0.779; its fix-up variant 0.426 / 1.904 /
 # 0.794; the same scans in the backward 2.071 / 7.359 / 3.219 -> 2.107 / 7.533 / 3.317 (fix-up 2.087 / 7.481 /
 # 3.279), so the backward keeps tl.associative_scan.
-FWD = [(512, 1, 1, 1, 1, "paired+edge+scan"), (512, 1, 1, 1, 1, "paired+edge+scan+two"),
-       (512, 1, 1, 1, 1, "paired+edge+scan"), (512, 1, 1, 1, 1, "paired+edge+scan+two"),
-       (512, 1, 1, 1, 1, "paired+edge+scan+four")]
+FWD = [(512, 1, 1, 1, 1, "paired+edge"), (512, 1, 1, 1, 1, "paired+edge+scan")]
 # Configurations that spill (benchmarks/kernel_resources.py compiles them here, no GPU needed) are left out.
 BWD = [(512, 1, 1, 3, 1, "paired+flip+edge"), (512, 1, 1, 3, 1, "paired+flip+edge+joint"),
-       (512, 1, 1, 3, 1, "paired+flip+edge"), (512, 1, 1, 3, 1, "paired+flip+edge+joint"),
-       (512, 1, 1, 3, 1, "paired+flip+edge+joint+bscan")]
+       (512, 1, 1, 3, 2, "paired+flip+edge+joint")]
 
 
 # Backward register caps (maxnreg) tried at the table's backward row with --maxnreg: 255 registers allow 8 warps per
@@ -76,8 +74,8 @@ BWD = [(512, 1, 1, 3, 1, "paired+flip+edge"), (512, 1, 1, 3, 1, "paired+flip+edg
 
 def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, maxnreg=None, switches=""):
     """Set the configuration; the kernel not being swept gets one channel per program and one warp. ``switches``:
-    "paired", "flip", "edge", "scan", "two" / "four", "joint", "bscan" (joined by +): BlockSizes.paired_bc,
-    flip_adjoint, edge_asm, scan_asm, fwd_states 2 / 4, joint_scan, bwd_scan_asm."""
+    "paired", "flip", "edge", "scan", "joint" (joined by +): BlockSizes.paired_bc, flip_adjoint, edge_asm, scan_asm,
+    joint_scan."""
     fwd = fwd or (1, 1)
     bwd = bwd or (1, 1)
     on = set(switches.split("+"))
@@ -88,9 +86,7 @@ def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, maxnreg=None, switches=
                                                            flip_adjoint="flip" in on,
                                                            edge_asm="edge" in on,
                                                            scan_asm="scan" in on,
-                                                           fwd_states=4 if "four" in on else 2 if "two" in on else 1,
-                                                           joint_scan="joint" in on,
-                                                           bwd_scan_asm="bscan" in on)
+                                                           joint_scan="joint" in on)
 
 
 class Checker:
@@ -150,6 +146,9 @@ def main():
     p.add_argument("--budget-s", type=float, default=300.0, help="stop starting new configurations after this")
     p.add_argument("--which", default="fwd,bwd")
     p.add_argument("--out", default="tune_scan.json")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole list this many times in turn and report each configuration's median over the "
+                        "rounds (the lent GPU's speed drifts by several percent within a call: compare in rounds)")
     p.add_argument("--maxnreg", default=None,
                    help="comma-separated backward register caps to try at the table's backward row (0 = none), "
                         "instead of the FWD / BWD lists")
@@ -166,7 +165,8 @@ def main():
     else:
         plan = [("fwd", c, None) for c in FWD] if "fwd" in a.which else []
         plan += [("bwd", c, None) for c in BWD] if "bwd" in a.which else []
-    for kind, (chunk_l, block_d, warps, stages, unroll, switches), maxnreg in plan:
+    for rnd, (kind, (chunk_l, block_d, warps, stages, unroll, switches), maxnreg) in (
+            (r, entry) for r in range(a.rounds) for entry in plan):
         if time.perf_counter() - start > a.budget_s:
             print(f"budget spent: skipped the rest from {kind} {chunk_l, block_d, warps, stages, unroll, switches}")
             break
@@ -175,7 +175,7 @@ def main():
         else:
             use(chunk_l, bwd=(block_d, warps), stages=stages, unroll=unroll, maxnreg=maxnreg, switches=switches)
         row = dict(kind=kind, chunk_l=chunk_l, block_d=block_d, warps=warps, n_stages=stages, unroll_n=unroll,
-                   maxnreg=maxnreg, switches=switches)
+                   maxnreg=maxnreg, switches=switches, round=rnd)
         try:
             errs = [checker.errors(n) for n in sorted({s[3] for s in shapes})]
             row["fwd_err"], row["grad_err"] = max(e[0] for e in errs), max(e[1] for e in errs)
@@ -188,13 +188,21 @@ def main():
             row["error"] = f"{type(err).__name__}: {str(err)[:120]}"
         rows.append(row)
         times = " ".join(f"{row.get(str(s), float('nan')):8.3f}" for s in shapes)
-        print(f"{kind} chunk {chunk_l:5d} block_d {block_d:4d} warps {warps} stages {stages} unroll {unroll} "
+        print(f"{rnd} {kind} chunk {chunk_l:5d} block_d {block_d:4d} warps {warps} stages {stages} unroll {unroll} "
               f"maxnreg {maxnreg or '-'} {switches or '-':13s} | "
               f"{times} | "
               f"err {row.get('fwd_err', float('nan')):.1e}/{row.get('grad_err', float('nan')):.1e} "
               f"{row.get('error', '')}", flush=True)
         torch.cuda.empty_cache()
     triton_fwd.BLOCK_SIZE_OVERRIDE = None
+    if a.rounds > 1:
+        print(f"\nmedian over {a.rounds} rounds (ms):")
+        keys = ("kind", "chunk_l", "block_d", "warps", "n_stages", "unroll_n", "maxnreg", "switches")
+        for config in dict.fromkeys(tuple(r[k] for k in keys) for r in rows):
+            mine = [r for r in rows if tuple(r[k] for k in keys) == config]
+            medians = [statistics.median(r[str(s)] for r in mine if str(s) in r) if all(str(s) in r for r in mine)
+                       else float("nan") for s in shapes]
+            print(f"  {' '.join(str(v) for v in config):55s} | " + " ".join(f"{m:8.3f}" for m in medians))
     print("\nbest per shape (ms; mamba-ssm H100 fwd / fwd+bwd from TARGETS.md):")
     for shape in shapes:
         for kind in ("fwd", "bwd"):

@@ -48,66 +48,6 @@ def _edge_asm(pack, last):
 
 
 @triton.constexpr_function
-def _scan_phases(pack, vec, out, dec, inp, tag):
-    """The PTX of one scan (see _scan_asm) as (declarations, phases): out(k), dec(k), inp(k) name the operands of
-    register k; tag prefixes its own registers so that two scans can share one asm block."""
-    runs = pack // vec
-    one = "0f3F800000"
-    decls = [f".reg .pred %{tag}p<{runs}>;",
-             f".reg .b32 %{tag}sa<{runs}>, %{tag}sb<{runs}>, %{tag}ua<{runs}>, %{tag}ub<{runs}>, %{tag}xa<{runs}>, "
-             f"%{tag}xb<{runs}>, %{tag}c<{runs}>;",
-             f".reg .b32 %{tag}q<{pack}>, %{tag}ha, %{tag}hb, %{tag}hh;"]
-    phases = []
-    lines = []
-    for r in range(runs):  # (1) each run's map: its decays' product as a tree, its scan from 0 in one register
-        k0 = r * vec
-        level = [dec(k0 + j) for j in range(vec)]
-        while len(level) > 1:
-            level_regs = [f"%{tag}sa{r}" if len(level) == 2 else f"%{tag}q{k0 + len(level) // 2 + j // 2}"
-                          for j in range(0, len(level), 2)]
-            lines += [f"mul.rn.f32 {reg}, {level[2 * i]}, {level[2 * i + 1]};" for i, reg in enumerate(level_regs)]
-            level = level_regs
-        lines.append(f"mov.b32 %{tag}sb{r}, {inp(k0)};")
-        lines += [f"fma.rn.f32 %{tag}sb{r}, {dec(k0 + j)}, %{tag}sb{r}, {inp(k0 + j)};" for j in range(1, vec)]
-    phases.append(lines)
-    for step in (1, 2, 4, 8, 16):  # (2) inclusive scan of the runs' maps over the lanes
-        lines = []
-        for r in range(runs):
-            need_a = not (r == 0 and step == 16)  # run 0 needs no product past its last step (it starts from 0)
-            lines.append(f"shfl.sync.up.b32 %{tag}ub{r}|%{tag}p{r}, %{tag}sb{r}, {step}, 0, -1;")
-            if need_a:
-                lines.append(f"shfl.sync.up.b32 %{tag}ua{r}, %{tag}sa{r}, {step}, 0, -1;")
-            lines.append(f"@%{tag}p{r} fma.rn.f32 %{tag}sb{r}, %{tag}sa{r}, %{tag}ub{r}, %{tag}sb{r};")
-            if need_a:
-                lines.append(f"@%{tag}p{r} mul.rn.f32 %{tag}sa{r}, %{tag}sa{r}, %{tag}ua{r};")
-        phases.append(lines)
-    lines = []
-    for r in range(runs):  # ... made exclusive: lane 0 gets the identity map
-        lines += [f"shfl.sync.up.b32 %{tag}xb{r}|%{tag}p{r}, %{tag}sb{r}, 1, 0, -1;",
-                  f"@!%{tag}p{r} mov.b32 %{tag}xb{r}, 0;"]
-        if r:
-            lines += [f"shfl.sync.up.b32 %{tag}xa{r}, %{tag}sa{r}, 1, 0, -1;", f"@!%{tag}p{r} mov.b32 %{tag}xa{r}, {one};"]
-    phases.append(lines)
-    # (3) the state entering each run: run 0 starts from 0; run r from H, the end state of run r - 1 (lane 31's)
-    lines = [f"mov.b32 %{tag}c0, %{tag}xb0;"]
-    for r in range(1, runs):
-        if r == 1:
-            lines.append(f"shfl.sync.idx.b32 %{tag}hh, %{tag}sb0, 31, 31, -1;")
-        else:
-            lines += [f"shfl.sync.idx.b32 %{tag}ha, %{tag}sa{r - 1}, 31, 31, -1;",
-                      f"shfl.sync.idx.b32 %{tag}hb, %{tag}sb{r - 1}, 31, 31, -1;",
-                      f"fma.rn.f32 %{tag}hh, %{tag}ha, %{tag}hh, %{tag}hb;"]
-        lines.append(f"fma.rn.f32 %{tag}c{r}, %{tag}xa{r}, %{tag}hh, %{tag}xb{r};")
-    phases.append(lines)
-    lines = []
-    for r in range(runs):  # (4) each run scanned again, from its carry
-        lines += [f"fma.rn.f32 {out(k)}, {dec(k)}, {out(k - 1) if k % vec else f'%{tag}c{r}'}, {inp(k)};"
-                  for k in range(r * vec, (r + 1) * vec)]
-    phases.append(lines)
-    return decls, phases
-
-
-@triton.constexpr_function
 def _scan_asm(pack, vec):
     """Inclusive scan of h_t = d_t h_(t-1) + x_t (h_(-1) = 0) over a one-warp tile whose registers are runs of vec
     consecutive steps (run r of lane l: steps 32 vec r + vec l ...). Operands: h outputs $0.., decays $pack..,
@@ -118,25 +58,55 @@ def _scan_asm(pack, vec):
     B_excl; (4) the run scanned again from its carry. A fix-up variant (running products kept per step, one FMA per
     step from the carry: same instruction count, shorter dependency chain, more live registers) was 1-2% slower in
     the forward on an H200 (benchmarks/RESULTS.md)."""
-    decls, phases = _scan_phases(pack, vec, lambda k: f"${k}", lambda k: f"${pack + k}",
-                                 lambda k: f"${2 * pack + k}", "")
-    return "\n".join(["{"] + decls + [line for phase in phases for line in phase] + ["}"])
+    runs = pack // vec
+    one = "0f3F800000"
+    lines = ["{", f".reg .pred %p<{runs}>;",
+             f".reg .b32 %sa<{runs}>, %sb<{runs}>, %ua<{runs}>, %ub<{runs}>, %xa<{runs}>, %xb<{runs}>, %c<{runs}>;",
+             f".reg .b32 %q<{pack}>, %ha, %hb, %hh;"]
 
+    def dec(k):
+        return f"${pack + k}"
 
-@triton.constexpr_function
-def _scans_asm(pack, vec, count):
-    """count independent scans in one block, their instructions interleaved phase by phase so that each one's
-    dependency chains (the FMA chains, the shuffles) overlap the others'. Operands: the scans' h outputs
-    ($0.., $pack.., ...), then each scan's decays and inputs in turn ($(count pack).. decays and
-    $((count + 1) pack).. inputs of the first scan, and so on)."""
-    scans = [_scan_phases(pack, vec, lambda k, i=i: f"${i * pack + k}",
-                          lambda k, i=i: f"${(count + 2 * i) * pack + k}",
-                          lambda k, i=i: f"${(count + 2 * i + 1) * pack + k}", f"s{i}") for i in range(count)]
-    lines = ["{"] + [decl for decls, _ in scans for decl in decls]
-    for phase in zip(*(phases for _, phases in scans)):
-        for j in range(max(len(lines_i) for lines_i in phase)):
-            lines += [line for lines_i in phase for line in lines_i[j:j + 1]]
-    return "\n".join(lines + ["}"])
+    def inp(k):
+        return f"${2 * pack + k}"
+
+    for r in range(runs):  # (1) each run's map: its decays' product as a tree, its scan from 0 in one register
+        k0 = r * vec
+        level = [dec(k0 + j) for j in range(vec)]
+        while len(level) > 1:
+            level_regs = [f"%sa{r}" if len(level) == 2 else f"%q{k0 + len(level) // 2 + j // 2}"
+                          for j in range(0, len(level), 2)]
+            lines += [f"mul.rn.f32 {reg}, {level[2 * i]}, {level[2 * i + 1]};" for i, reg in enumerate(level_regs)]
+            level = level_regs
+        lines.append(f"mov.b32 %sb{r}, {inp(k0)};")
+        lines += [f"fma.rn.f32 %sb{r}, {dec(k0 + j)}, %sb{r}, {inp(k0 + j)};" for j in range(1, vec)]
+    for step in (1, 2, 4, 8, 16):  # (2) inclusive scan of the runs' maps over the lanes
+        for r in range(runs):
+            need_a = not (r == 0 and step == 16)  # run 0 needs no product past its last step (it starts from 0)
+            lines.append(f"shfl.sync.up.b32 %ub{r}|%p{r}, %sb{r}, {step}, 0, -1;")
+            if need_a:
+                lines.append(f"shfl.sync.up.b32 %ua{r}, %sa{r}, {step}, 0, -1;")
+            lines.append(f"@%p{r} fma.rn.f32 %sb{r}, %sa{r}, %ub{r}, %sb{r};")
+            if need_a:
+                lines.append(f"@%p{r} mul.rn.f32 %sa{r}, %sa{r}, %ua{r};")
+    for r in range(runs):  # ... made exclusive: lane 0 gets the identity map
+        lines += [f"shfl.sync.up.b32 %xb{r}|%p{r}, %sb{r}, 1, 0, -1;", f"@!%p{r} mov.b32 %xb{r}, 0;"]
+        if r:
+            lines += [f"shfl.sync.up.b32 %xa{r}, %sa{r}, 1, 0, -1;", f"@!%p{r} mov.b32 %xa{r}, {one};"]
+    # (3) the state entering each run: run 0 starts from 0; run r from H, the end state of run r - 1 (lane 31's)
+    lines.append("mov.b32 %c0, %xb0;")
+    for r in range(1, runs):
+        if r == 1:
+            lines.append("shfl.sync.idx.b32 %hh, %sb0, 31, 31, -1;")
+        else:
+            lines += [f"shfl.sync.idx.b32 %ha, %sa{r - 1}, 31, 31, -1;",
+                      f"shfl.sync.idx.b32 %hb, %sb{r - 1}, 31, 31, -1;", "fma.rn.f32 %hh, %ha, %hh, %hb;"]
+        lines.append(f"fma.rn.f32 %c{r}, %xa{r}, %hh, %xb{r};")
+    for r in range(runs):  # (4) each run scanned again, from its carry
+        lines += [f"fma.rn.f32 ${k}, {dec(k)}, {f'${k - 1}' if k % vec else f'%c{r}'}, {inp(k)};"
+                  for k in range(r * vec, (r + 1) * vec)]
+    lines.append("}")
+    return "\n".join(lines)
 
 
 @triton.constexpr_function
@@ -146,9 +116,9 @@ def _constraints(pack, with_addresses):
 
 
 @triton.constexpr_function
-def _scan_constraints(pack, scans):
-    """pack outputs, pack decays, pack inputs (32-bit registers) per scan."""
-    return ",".join(["=r"] * (pack * scans) + ["r"] * (2 * pack * scans))
+def _scan_constraints(pack):
+    """pack outputs, pack decays, pack inputs (32-bit registers)."""
+    return ",".join(["=r"] * pack + ["r"] * (2 * pack))
 
 
 @triton.jit
@@ -191,6 +161,14 @@ def affine_combine(decay_left, value_left, decay_right, value_right):
 
 
 @triton.jit
+def affine_combine2(decay_a, value_a, decay_b, value_b, next_decay_a, next_value_a, next_decay_b, next_value_b):
+    """Two independent affine maps composed at once, each as affine_combine does: one tl.associative_scan over four
+    tiles runs two scans whose shuffles and FMA chains interleave."""
+    return (decay_a * next_decay_a, next_decay_a * value_a + next_value_a,
+            decay_b * next_decay_b, next_decay_b * value_b + next_value_b)
+
+
+@triton.jit
 def scan_time(decay, x, CHUNK_L: tl.constexpr, ASM: tl.constexpr):
     """h (BLOCK_D, CHUNK_L) float32 with h_t = decay_t h_(t-1) + x_t along time from h_(-1) = 0 (a start state is
     folded into x_0 by the caller). With ASM (one channel on one warp in the vector loads' layout: see vector_tiles
@@ -198,58 +176,10 @@ def scan_time(decay, x, CHUNK_L: tl.constexpr, ASM: tl.constexpr):
     if ASM:
         tl.static_assert(CHUNK_L == 256 or CHUNK_L == 512 or CHUNK_L == 1024,
                          "scan_time(ASM=True) takes chunks of 256, 512 or 1024 steps")
-        bits = tl.inline_asm_elementwise(_scan_asm(CHUNK_L // 32, 8), _scan_constraints(CHUNK_L // 32, 1),
+        bits = tl.inline_asm_elementwise(_scan_asm(CHUNK_L // 32, 8), _scan_constraints(CHUNK_L // 32),
                                          [decay.to(tl.int32, bitcast=True), x.to(tl.int32, bitcast=True)],
                                          dtype=tl.int32, is_pure=True, pack=CHUNK_L // 32)
         return bits.to(tl.float32, bitcast=True)
     else:
         _, h = tl.associative_scan((decay, x), 1, affine_combine)
         return h
-
-
-@triton.jit
-def affine_combine2(a1, b1, c1, d1, a2, b2, c2, d2):
-    """Two independent affine scans in one: (a, b) and (c, d) each compose as affine_combine does."""
-    return a1 * a2, b1 * a2 + b2, c1 * c2, d1 * c2 + d2
-
-
-@triton.jit
-def affine_combine4(a1, b1, c1, d1, e1, f1, g1, h1, a2, b2, c2, d2, e2, f2, g2, h2):
-    """Four independent affine scans in one."""
-    return a1 * a2, b1 * a2 + b2, c1 * c2, d1 * c2 + d2, e1 * e2, f1 * e2 + f2, g1 * g2, h1 * g2 + h2
-
-
-@triton.jit
-def scan_time2(decay0, x0, decay1, x1, CHUNK_L: tl.constexpr, ASM: tl.constexpr):
-    """Two independent scans (see scan_time) in one, so their dependency chains interleave."""
-    if ASM:
-        tl.static_assert(CHUNK_L == 256 or CHUNK_L == 512 or CHUNK_L == 1024,
-                         "scan_time2(ASM=True) takes chunks of 256, 512 or 1024 steps")
-        h0, h1 = tl.inline_asm_elementwise(
-            _scans_asm(CHUNK_L // 32, 8, 2), _scan_constraints(CHUNK_L // 32, 2),
-            [decay0.to(tl.int32, bitcast=True), x0.to(tl.int32, bitcast=True), decay1.to(tl.int32, bitcast=True),
-             x1.to(tl.int32, bitcast=True)], dtype=(tl.int32, tl.int32), is_pure=True, pack=CHUNK_L // 32)
-        return h0.to(tl.float32, bitcast=True), h1.to(tl.float32, bitcast=True)
-    else:
-        _, h0, _, h1 = tl.associative_scan((decay0, x0, decay1, x1), 1, affine_combine2)
-        return h0, h1
-
-
-@triton.jit
-def scan_time4(decay0, x0, decay1, x1, decay2, x2, decay3, x3, CHUNK_L: tl.constexpr, ASM: tl.constexpr):
-    """Four independent scans (see scan_time) in one."""
-    if ASM:
-        tl.static_assert(CHUNK_L == 256 or CHUNK_L == 512 or CHUNK_L == 1024,
-                         "scan_time4(ASM=True) takes chunks of 256, 512 or 1024 steps")
-        h0, h1, h2, h3 = tl.inline_asm_elementwise(
-            _scans_asm(CHUNK_L // 32, 8, 4), _scan_constraints(CHUNK_L // 32, 4),
-            [decay0.to(tl.int32, bitcast=True), x0.to(tl.int32, bitcast=True), decay1.to(tl.int32, bitcast=True),
-             x1.to(tl.int32, bitcast=True), decay2.to(tl.int32, bitcast=True), x2.to(tl.int32, bitcast=True),
-             decay3.to(tl.int32, bitcast=True), x3.to(tl.int32, bitcast=True)],
-            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=CHUNK_L // 32)
-        return (h0.to(tl.float32, bitcast=True), h1.to(tl.float32, bitcast=True), h2.to(tl.float32, bitcast=True),
-                h3.to(tl.float32, bitcast=True))
-    else:
-        _, h0, _, h1, _, h2, _, h3 = tl.associative_scan((decay0, x0, decay1, x1, decay2, x2, decay3, x3), 1,
-                                                         affine_combine4)
-        return h0, h1, h2, h3

@@ -3,7 +3,8 @@
 Same program layout as the forward (triton_fwd.py): one program per (batch, group, block of BLOCK_D channels), walking
 the chunks of CHUNK_L time steps, here from last to first. Per chunk and state n it
   1. recomputes the chunk's forward states h_t from the checkpointed chunk-start state (a forward scan),
-  2. runs the adjoint recurrence g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1} right to left, carrying g across chunks
+  2. runs the adjoint recurrence g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1} right to left (``joint_scan``, the GPU
+     table's choice: in the same tl.associative_scan as step 1, the two being independent), carrying g across chunks
      in a (BLOCK_D, BLOCK_N) float32 register tile, or (``carry_in_memory``, the GPU table's choice) in a
      (batch, dim, d_state) float32 buffer that the thread holding a chunk's first column writes. Either as a reverse
      scan, or (``flip_adjoint``, the GPU table's choice) as a forward scan over time-reversed tiles: the decays
@@ -26,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mamba_r1.ops.selective_scan.lane_asm import affine_combine, flip_time, lane_asm, scan_time2, store_edge
+from mamba_r1.ops.selective_scan.lane_asm import affine_combine, affine_combine2, flip_time, lane_asm, store_edge
 from mamba_r1.ops.selective_scan.triton_fwd import (
     LN2,
     LOG2E,
@@ -36,7 +37,6 @@ from mamba_r1.ops.selective_scan.triton_fwd import (
     interpreting,
     load_state_row,
     softplus,
-    vector_tiles,
 )
 
 
@@ -68,7 +68,7 @@ def _selective_scan_bwd_kernel(
     WANT_DH0: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr, ATOMIC_BC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
     UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr, FLIP_ADJOINT: tl.constexpr, LANE_ASM: tl.constexpr,
-    EDGE_ASM: tl.constexpr, EVEN: tl.constexpr, JOINT_SCAN: tl.constexpr, SCAN_ASM: tl.constexpr,
+    EDGE_ASM: tl.constexpr, EVEN: tl.constexpr, JOINT_SCAN: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
     pid_batch = tl.program_id(1).to(tl.int64)
@@ -190,7 +190,7 @@ def _selective_scan_bwd_kernel(
             # The chunk-start state enters the first step's input (as in the forward): the scan's cumulative decays
             # go unused and the compiler drops them.
             x_in = tl.where(offs_l[None, :] == 0, x + decay * h_start[:, None], x)
-            if not JOINT_SCAN:
+            if not JOINT_SCAN:  # else scanned together with the adjoint below
                 _, h_n = tl.associative_scan((decay, x_in), 1, affine_combine)
                 if HAS_Z:
                     y += h_n * C_n[None, :]
@@ -203,9 +203,12 @@ def _selective_scan_bwd_kernel(
             # Likewise the adjoint from the right enters the last step's input: g_{L-1} = dy C + exp(dt_L A) g_L.
             decay_next = tl.exp2(dt_next * A_n[:, None])
             if JOINT_SCAN:
+                # As FLIP_ADJOINT below, with the recompute scan in the same tl.associative_scan: the two are
+                # independent, and one scan over four tiles interleaves their shuffles and FMA chains (this loop
+                # waits on latency far more than on issue slots).
                 dy_C = flip_time(dy * C_n[None, :], CHUNK_L, LANE_ASM)
                 dy_C = tl.where(offs_l[None, :] == 0, dy_C + decay_next * g_end[:, None], dy_C)
-                h_n, g_n = scan_time2(decay, x_in, decay_next, dy_C, CHUNK_L, SCAN_ASM)
+                _, h_n, _, g_n = tl.associative_scan((decay, x_in, decay_next, dy_C), 1, affine_combine2)
                 g_n = flip_time(g_n, CHUNK_L, LANE_ASM)
                 if HAS_Z:
                     y += h_n * C_n[None, :]
@@ -342,12 +345,10 @@ def selective_scan_bwd_launch(
         return t if t is not None else u
 
     z_arg, dz_arg = ptr(z), ptr(dz)
-    lane_asm_ok = lane_asm(block_d, sizes.bwd_warps, sizes.chunk_l, interpreting())
-    scan_asm = (sizes.bwd_scan_asm and sizes.joint_scan and sizes.flip_adjoint and lane_asm_ok
-                and vector_tiles(seqlen, (u, delta, z, dout, du, ddelta, dz, B, C)))
     pairs = bf16_pairs(B, C) if sizes.paired_bc else None
     if pairs is not None:
         B, C = pairs  # (batch, groups, d_state, seqlen / 2) int32
+    lane_asm_ok = lane_asm(block_d, sizes.bwd_warps, sizes.chunk_l, interpreting())
     grid = (groups * blocks_per_group, batch)
     launch_options = {} if sizes.bwd_maxnreg is None else {"maxnreg": sizes.bwd_maxnreg}
     _selective_scan_bwd_kernel[grid](
@@ -374,7 +375,6 @@ def selective_scan_bwd_launch(
         LANE_ASM=lane_asm_ok, EDGE_ASM=sizes.edge_asm and lane_asm_ok,
         EVEN=even_tiles(seqlen, sizes.chunk_l, dim_per_group, block_d),
         JOINT_SCAN=sizes.joint_scan and sizes.flip_adjoint,
-        SCAN_ASM=scan_asm,
         num_warps=sizes.bwd_warps, **launch_options,
     )
     return {

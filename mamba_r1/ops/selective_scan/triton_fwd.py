@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mamba_r1.ops.selective_scan.lane_asm import lane_asm, scan_time, scan_time2, scan_time4, store_edge
+from mamba_r1.ops.selective_scan.lane_asm import lane_asm, scan_time, store_edge
 from mamba_r1.ops.triton_runtime import built_for_interpreter
 
 
@@ -65,14 +65,9 @@ class BlockSizes:
     # (lane_asm.scan_time), instead of tl.associative_scan: 2-6% faster forward on an H200. In the backward the same
     # scans were 1-2% slower (its loop is latency-bound) and it keeps tl.associative_scan.
     scan_asm: bool = False
-    # Forward, carry in memory: states per iteration of the state loop (1, 2 or 4; used where it divides d_state),
-    # their scans in one (lane_asm.scan_time2 / scan_time4), so the scans' dependency chains can overlap.
-    fwd_states: int = 1
-    # Backward: the recompute scan and the adjoint scan of a state in one tl.associative_scan over four tiles (they
-    # are independent), so their shuffles and FMA chains interleave; needs flip_adjoint.
+    # Backward, with flip_adjoint: the recompute scan and the adjoint scan of a state (independent of each other) in
+    # one tl.associative_scan over four tiles, so their shuffles and FMA chains interleave: the loop is latency-bound.
     joint_scan: bool = False
-    # Backward with joint_scan, where the forward may use scan_asm: the joint scan by inline PTX (lane_asm.scan_time2).
-    bwd_scan_asm: bool = False
 
 
 # GPU tuning edits this table only. "cuda": from two sweeps with benchmarks/tune_scan.py on an H200 (2026-11-30, bf16;
@@ -102,7 +97,7 @@ class BlockSizes:
 BLOCK_SIZE_TABLE = {
     "cuda": BlockSizes(chunk_l=512, fwd_block_d=1, fwd_warps=1, bwd_block_d=1, bwd_warps=1, carry_in_memory=True,
                        atomic_bc=True, bwd_n_stages=3, paired_bc=True, flip_adjoint=True, edge_asm=True,
-                       scan_asm=True),
+                       scan_asm=True, joint_scan=True),
     "interpret": BlockSizes(chunk_l=8, fwd_block_d=2, fwd_warps=1, bwd_block_d=4, bwd_warps=1),
 }
 # Tuning scripts (benchmarks/tune_scan.py) set this to try a configuration; None in normal use.
@@ -188,31 +183,6 @@ def bf16_pairs(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 @triton.jit
-def _state_terms(n, A_rows, stride_A_state, B_group, stride_B_state, C_group, stride_C_state, ckpt_rows, chunk,
-                 d_state, seqlen, offs_t, mask_t, mask_d, dt, dt_u, CHUNK_L: tl.constexpr, PAIRED_BC: tl.constexpr,
-                 EVEN: tl.constexpr):
-    """State n's scan operands over the chunk, decays and inputs (BLOCK_D, CHUNK_L) with the chunk-start state
-    (its checkpoint) folded into the first input, and its C row (CHUNK_L,)."""
-    A_n = tl.load(A_rows + n * stride_A_state, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
-    B_n = load_state_row(B_group + n * stride_B_state, chunk, seqlen, offs_t, mask_t, CHUNK_L, PAIRED_BC, EVEN)
-    C_n = load_state_row(C_group + n * stride_C_state, chunk, seqlen, offs_t, mask_t, CHUNK_L, PAIRED_BC, EVEN)
-    decay = tl.exp2(dt * A_n[:, None])
-    h_start = tl.load(ckpt_rows + chunk * d_state + n, mask=mask_d, other=0.0)  # (BLOCK_D,)
-    x = dt_u * B_n[None, :]
-    x = tl.where(tl.arange(0, CHUNK_L)[None, :] == 0, x + decay * h_start[:, None], x)
-    return decay, x, C_n
-
-
-@triton.jit
-def _store_chunk_end(h_n, n, ckpt_rows, last_rows, chunk, n_chunks, d_state, mask_d, CHUNK_L: tl.constexpr,
-                     EDGE_ASM: tl.constexpr):
-    """State n's value at the chunk's last step (h_n (BLOCK_D, CHUNK_L)) to the next chunk's checkpoint, or to the
-    last state after the last chunk."""
-    end_ptr = tl.where(chunk + 1 < n_chunks, ckpt_rows + (chunk + 1) * d_state + n, last_rows + n)
-    store_edge(end_ptr[:, None] + tl.arange(0, CHUNK_L)[None, :] * 0, h_n, mask_d[:, None], True, CHUNK_L, EDGE_ASM)
-
-
-@triton.jit
 def _selective_scan_fwd_kernel(
     # inputs
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, h0_ptr,
@@ -232,7 +202,7 @@ def _selective_scan_fwd_kernel(
     DELTA_SOFTPLUS: tl.constexpr, CARRY_IN_MEMORY: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, N_STAGES: tl.constexpr,
     UNROLL_N: tl.constexpr, PAIRED_BC: tl.constexpr, EDGE_ASM: tl.constexpr, EVEN: tl.constexpr,
-    SCAN_ASM: tl.constexpr, STATES_PER_ITER: tl.constexpr,
+    SCAN_ASM: tl.constexpr,
 ):
     pid_block = tl.program_id(0)  # (group, channel block inside the group), flattened
     pid_batch = tl.program_id(1).to(tl.int64)
@@ -301,46 +271,8 @@ def _selective_scan_fwd_kernel(
         else:
             y = tl.zeros((BLOCK_D, CHUNK_L), dtype=tl.float32)
 
-        # Several states per iteration (STATES_PER_ITER 2 or 4, d_state a multiple, carry in memory), their scans in
-        # one (lane_asm.scan_time2 / scan_time4), so the dependency chains of the scans overlap.
-        if STATES_PER_ITER == 2:
-            for n in tl.range(0, d_state, 2, num_stages=N_STAGES):
-                d0, x0, c0 = _state_terms(n, A_rows, stride_A_state, B_group, stride_B_state, C_group, stride_C_state,
-                                          ckpt_rows, chunk, d_state, seqlen, offs_t, mask_t, mask_d, dt, dt_u,
-                                          CHUNK_L, PAIRED_BC, EVEN)
-                d1, x1, c1 = _state_terms(n + 1, A_rows, stride_A_state, B_group, stride_B_state, C_group,
-                                          stride_C_state, ckpt_rows, chunk, d_state, seqlen, offs_t, mask_t, mask_d,
-                                          dt, dt_u, CHUNK_L, PAIRED_BC, EVEN)
-                h0, h1 = scan_time2(d0, x0, d1, x1, CHUNK_L, SCAN_ASM)
-                y += h0 * c0[None, :]
-                y += h1 * c1[None, :]
-                _store_chunk_end(h0, n, ckpt_rows, last_rows, chunk, n_chunks, d_state, mask_d, CHUNK_L, EDGE_ASM)
-                _store_chunk_end(h1, n + 1, ckpt_rows, last_rows, chunk, n_chunks, d_state, mask_d, CHUNK_L, EDGE_ASM)
-        if STATES_PER_ITER == 4:
-            for n in tl.range(0, d_state, 4, num_stages=N_STAGES):
-                d0, x0, c0 = _state_terms(n, A_rows, stride_A_state, B_group, stride_B_state, C_group, stride_C_state,
-                                          ckpt_rows, chunk, d_state, seqlen, offs_t, mask_t, mask_d, dt, dt_u,
-                                          CHUNK_L, PAIRED_BC, EVEN)
-                d1, x1, c1 = _state_terms(n + 1, A_rows, stride_A_state, B_group, stride_B_state, C_group,
-                                          stride_C_state, ckpt_rows, chunk, d_state, seqlen, offs_t, mask_t, mask_d,
-                                          dt, dt_u, CHUNK_L, PAIRED_BC, EVEN)
-                d2, x2, c2 = _state_terms(n + 2, A_rows, stride_A_state, B_group, stride_B_state, C_group,
-                                          stride_C_state, ckpt_rows, chunk, d_state, seqlen, offs_t, mask_t, mask_d,
-                                          dt, dt_u, CHUNK_L, PAIRED_BC, EVEN)
-                d3, x3, c3 = _state_terms(n + 3, A_rows, stride_A_state, B_group, stride_B_state, C_group,
-                                          stride_C_state, ckpt_rows, chunk, d_state, seqlen, offs_t, mask_t, mask_d,
-                                          dt, dt_u, CHUNK_L, PAIRED_BC, EVEN)
-                h0, h1, h2, h3 = scan_time4(d0, x0, d1, x1, d2, x2, d3, x3, CHUNK_L, SCAN_ASM)
-                y += h0 * c0[None, :]
-                y += h1 * c1[None, :]
-                y += h2 * c2[None, :]
-                y += h3 * c3[None, :]
-                _store_chunk_end(h0, n, ckpt_rows, last_rows, chunk, n_chunks, d_state, mask_d, CHUNK_L, EDGE_ASM)
-                _store_chunk_end(h1, n + 1, ckpt_rows, last_rows, chunk, n_chunks, d_state, mask_d, CHUNK_L, EDGE_ASM)
-                _store_chunk_end(h2, n + 2, ckpt_rows, last_rows, chunk, n_chunks, d_state, mask_d, CHUNK_L, EDGE_ASM)
-                _store_chunk_end(h3, n + 3, ckpt_rows, last_rows, chunk, n_chunks, d_state, mask_d, CHUNK_L, EDGE_ASM)
         # Unrolling / pipelining the state loop lets one state's loads of B and C and its scan overlap another's.
-        for n in tl.range(0, d_state if STATES_PER_ITER == 1 else 0, num_stages=N_STAGES, loop_unroll_factor=UNROLL_N):
+        for n in tl.range(0, d_state, num_stages=N_STAGES, loop_unroll_factor=UNROLL_N):
             A_n = tl.load(A_rows + n * stride_A_state, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
             B_n = load_state_row(B_group + n * stride_B_state, chunk, seqlen, offs_t, mask_t, CHUNK_L,
                                  PAIRED_BC, EVEN)
@@ -375,17 +307,6 @@ def _selective_scan_fwd_kernel(
 
     if not CARRY_IN_MEMORY:
         tl.store(last_state_ptr + state_offs, h, mask=mask_dn)
-
-
-def states_per_iter(sizes: BlockSizes, d_state: int) -> int:
-    """How many states one iteration of the forward's state loop takes: the table's fwd_states where it divides
-    d_state (and the carry goes through memory), else the largest of 2, 1 that does."""
-    if not sizes.carry_in_memory:
-        return 1
-    for count in (4, 2):
-        if count <= sizes.fwd_states and d_state % count == 0:
-            return count
-    return 1
 
 
 def selective_scan_fwd_launch(
@@ -437,7 +358,7 @@ def selective_scan_fwd_launch(
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
         N_STAGES=sizes.n_stages, UNROLL_N=sizes.unroll_n, PAIRED_BC=pairs is not None,
         EDGE_ASM=sizes.edge_asm and lane_asm_ok, EVEN=even_tiles(seqlen, sizes.chunk_l, dim_per_group, block_d),
-        SCAN_ASM=scan_asm, STATES_PER_ITER=states_per_iter(sizes, d_state),
+        SCAN_ASM=scan_asm,
         num_warps=sizes.fwd_warps,
     )
     return last_state, ckpt
