@@ -1,9 +1,10 @@
 """Where the GPU time of a MambaBlock or SwitchMoE training step, or of one decoding step, goes: torch.profiler's
 per-kernel table.
 
-    python benchmarks/profile_gpu.py block|moe|decode [--rows 25] [--batch 1]
+    python benchmarks/profile_gpu.py block|moe|decode|scan [--rows 25] [--batch 1]
 Shapes as in TARGETS.md: MambaBlock(1024) at batch 8 x 2048; SwitchMoE 16,384 tokens, 1024 -> 4096, 8 experts;
-decode: the 130M pure-Mamba model (768 wide, 24 layers) one token at a time after a 2,048-token prefill; bf16.
+decode: the 130M pure-Mamba model (768 wide, 24 layers) one token at a time after a 2,048-token prefill; scan: the
+Triton selective scan's forward + backward at 8 x 2048 x 2048 x 16 (bench_scan.py's inputs); bf16.
 The decode step runs eagerly here: its kernels are the ones a CUDA graph replays, without the launch gaps.
 """
 
@@ -31,6 +32,23 @@ def step_fn(what: str, batch: int):
             model.step(token, cache)
 
         return decode_step
+    if what == "scan":
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_scan import make_inputs
+
+        from mamba_r1.ops import selective_scan
+
+        args = make_inputs((8, 2048, 2048, 16), dtype, device, requires_grad=True)
+        dout = torch.randn(8, 2048, 2048, device=device, dtype=dtype)
+
+        def scan_step():
+            out = selective_scan(**args, delta_softplus=True, backend="triton")
+            torch.autograd.grad(out, list(args.values()), dout)
+
+        return scan_step
     if what == "block":
         module = MambaBlock(1024, d_state=16, device=device, dtype=dtype)
         x = torch.randn(8, 2048, 1024, device=device, dtype=dtype, requires_grad=True)
@@ -48,7 +66,7 @@ def step_fn(what: str, batch: int):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["block", "moe", "decode"])
+    p.add_argument("what", choices=["block", "moe", "decode", "scan"])
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--batch", type=int, default=1, help="decode only")
     a = p.parse_args()

@@ -3,7 +3,7 @@
 # $OUT/gpu_results.tgz ($OUT: the device tool's output folder). Usage (repo root; the lent image had no loguru in
 # 2026-11, so carry its wheel in .whl/, see the device tool's README):
 #   bash benchmarks/run_gpu.sh [STAGE ...]   stages: tests quicktests scan block moe memory decode profile
-#   profile_moe moe_breakdown moegemm fusedgemm tunemoe moe_capture profile_decode moetests scantests decodelinear conv convsweep ncu tune (default: tests scan block moe memory decode profile)
+#   profile_scan profile_moe moe_breakdown moegemm fusedgemm tunemoe moe_capture profile_decode moetests scantests decodelinear conv convsweep ncu tune (default: tests scan block moe memory decode profile)
 # The device's copy of the tree has no .git: `git checkout` there does nothing, so a stage cannot fall back to
 # committed files; run it on a tree where every imported file is present.
 set -uo pipefail
@@ -47,6 +47,7 @@ for w in $what; do
     memory) python3 benchmarks/bench_memory.py --device cuda 2>&1 | tee "$OUT/memory.log" ;;
     decode) python3 benchmarks/bench_decode.py --device cuda 2>&1 | tee "$OUT/decode.log" ;;
     profile) python3 benchmarks/profile_gpu.py block 2>&1 | tee "$OUT/profile_block.log" ;;
+    profile_scan) python3 benchmarks/profile_gpu.py scan --rows 20 2>&1 | tee "$OUT/profile_scan.log" ;;
     profile_moe) python3 benchmarks/profile_gpu.py moe --rows 40 2>&1 | tee "$OUT/profile_moe.log" ;;
     moe_breakdown) python3 benchmarks/moe_breakdown.py 2>&1 | tee "$OUT/moe_breakdown.log" ;;
     # The layer's six matmuls, dense vs torch._grouped_mm in both expert-weight layouts.
@@ -69,7 +70,7 @@ for w in $what; do
               --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
               --section LaunchStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
               python3 benchmarks/ncu_scan.py > "$OUT/ncu_scan.log" 2>&1; tail -5 "$OUT/ncu_scan.log" ;;
-    tune)   python3 benchmarks/tune_scan.py --budget-s "${TUNE_BUDGET_S:-240}" --which "${TUNE_WHICH:-fwd,bwd}" --out "$OUT/tune_scan.json" 2>&1 | tee "$OUT/tune.log" ;;
+    tune)   python3 benchmarks/tune_scan.py --budget-s "${TUNE_BUDGET_S:-240}" --which "${TUNE_WHICH:-fwd,bwd}" --rounds "${TUNE_ROUNDS:-1}" --out "$OUT/tune_scan.json" 2>&1 | tee "$OUT/tune.log" ;;
   esac
   # The tarball after every stage: a call cut off at the device's limit still returns what finished.
   cp benchmarks/results/*.json benchmarks/results/*.png "$OUT"/ 2>/dev/null || true

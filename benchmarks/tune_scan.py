@@ -159,7 +159,7 @@ def main():
     if a.maxnreg:
         table = triton_fwd.BLOCK_SIZE_TABLE["cuda"]
         switches = "+".join(name for name, on in (("paired", table.paired_bc), ("flip", table.flip_adjoint),
-                                                  ("edge", table.edge_asm)) if on)
+                                                  ("edge", table.edge_asm), ("joint", table.joint_scan)) if on)
         row_cfg = (table.chunk_l, table.bwd_block_d, table.bwd_warps, table.bwd_n_stages, table.unroll_n, switches)
         plan = [("bwd", row_cfg, int(m) or None) for m in a.maxnreg.split(",")]
     else:
