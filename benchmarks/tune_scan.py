@@ -62,8 +62,7 @@ SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
 # 3.279), so the backward keeps tl.associative_scan.
 FWD = [(512, 1, 1, 1, 1, "paired+edge"), (512, 1, 1, 1, 1, "paired+edge+scan")]
 # Configurations that spill (benchmarks/kernel_resources.py compiles them here, no GPU needed) are left out.
-BWD = [(512, 1, 1, 3, 1, "paired+flip+edge"), (512, 1, 1, 3, 1, "paired+flip+edge+joint"),
-       (512, 1, 1, 3, 2, "paired+flip+edge+joint")]
+BWD = [(512, 1, 1, 3, 1, "paired+flip+edge+joint"), (512, 1, 1, 3, 1, "paired+flip+edge+joint+binner+copies4")]
 
 
 # Backward register caps (maxnreg) tried at the table's backward row with --maxnreg: 255 registers allow 8 warps per
@@ -74,11 +73,12 @@ BWD = [(512, 1, 1, 3, 1, "paired+flip+edge"), (512, 1, 1, 3, 1, "paired+flip+edg
 
 def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, maxnreg=None, switches=""):
     """Set the configuration; the kernel not being swept gets one channel per program and one warp. ``switches``:
-    "paired", "flip", "edge", "scan", "joint" (joined by +): BlockSizes.paired_bc, flip_adjoint, edge_asm, scan_asm,
-    joint_scan."""
+    "paired", "flip", "edge", "scan", "joint", "binner", "copiesK" (joined by +): BlockSizes.paired_bc, flip_adjoint,
+    edge_asm, scan_asm, joint_scan, batch_inner, bc_copies=K."""
     fwd = fwd or (1, 1)
     bwd = bwd or (1, 1)
     on = set(switches.split("+"))
+    copies = max([int(token[len("copies"):]) for token in on if token.startswith("copies")] or [1])
     triton_fwd.BLOCK_SIZE_OVERRIDE = triton_fwd.BlockSizes(chunk_l, fwd[0], fwd[1], bwd[0], bwd[1],
                                                            carry_in_memory=True, atomic_bc=True, n_stages=stages,
                                                            unroll_n=unroll, bwd_n_stages=stages, bwd_maxnreg=maxnreg,
@@ -86,7 +86,9 @@ def use(chunk_l, fwd=None, bwd=None, stages=1, unroll=1, maxnreg=None, switches=
                                                            flip_adjoint="flip" in on,
                                                            edge_asm="edge" in on,
                                                            scan_asm="scan" in on,
-                                                           joint_scan="joint" in on)
+                                                           joint_scan="joint" in on,
+                                                           batch_inner="binner" in on,
+                                                           bc_copies=copies)
 
 
 class Checker:
@@ -159,7 +161,9 @@ def main():
     if a.maxnreg:
         table = triton_fwd.BLOCK_SIZE_TABLE["cuda"]
         switches = "+".join(name for name, on in (("paired", table.paired_bc), ("flip", table.flip_adjoint),
-                                                  ("edge", table.edge_asm), ("joint", table.joint_scan)) if on)
+                                                  ("edge", table.edge_asm), ("joint", table.joint_scan),
+                                                  ("binner", table.batch_inner),
+                                                  (f"copies{table.bc_copies}", table.bc_copies > 1)) if on)
         row_cfg = (table.chunk_l, table.bwd_block_d, table.bwd_warps, table.bwd_n_stages, table.unroll_n, switches)
         plan = [("bwd", row_cfg, int(m) or None) for m in a.maxnreg.split(",")]
     else:

@@ -139,13 +139,15 @@ def test_forward_and_gradients_match_float64_reference(variant, dtype, batch, di
 def block_sizes_variant(variant):
     """Run the kernels with the chunk carry in registers, per-program dB / dC partials and the adjoint as a reverse
     scan ("registers"), or with the carry through memory, atomically summed dB / dC, the adjoint as a forward scan
-    over flipped tiles in one tl.associative_scan with the recompute ("memory", as the GPU table runs them)."""
+    over flipped tiles in one tl.associative_scan with the recompute, dB / dC spread over three buffers and the batch
+    element varying fastest in the grid ("memory", as the GPU table runs them)."""
     from mamba_r1.ops.selective_scan import triton_fwd
 
     row = triton_fwd.block_sizes()
     memory = variant == "memory"
     triton_fwd.BLOCK_SIZE_OVERRIDE = dataclasses.replace(
-        row, carry_in_memory=memory, atomic_bc=memory, flip_adjoint=memory, joint_scan=memory)
+        row, carry_in_memory=memory, atomic_bc=memory, flip_adjoint=memory, joint_scan=memory, batch_inner=memory,
+        bc_copies=3 if memory else 1)
     try:
         yield
     finally:

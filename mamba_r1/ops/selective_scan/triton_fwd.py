@@ -68,6 +68,12 @@ class BlockSizes:
     # Backward, with flip_adjoint: the recompute scan and the adjoint scan of a state (independent of each other) in
     # one tl.associative_scan over four tiles, so their shuffles and FMA chains interleave: the loop is latency-bound.
     joint_scan: bool = False
+    # Backward with atomic_bc: the programs running at one time walk the same chunk and add into the same dB / dC
+    # rows, and those atomics were most of the backward's time. batch_inner: one grid axis with the batch element
+    # varying fastest, so neighbouring programs add into different batch elements' rows; bc_copies: this many dB / dC
+    # buffers, channel block b adding into copy b % bc_copies (torch sums them; at most 64 MiB of copies).
+    batch_inner: bool = False
+    bc_copies: int = 1
 
 
 # GPU tuning edits this table only. "cuda": from two sweeps with benchmarks/tune_scan.py on an H200 (2026-11-30, bf16;
@@ -97,7 +103,7 @@ class BlockSizes:
 BLOCK_SIZE_TABLE = {
     "cuda": BlockSizes(chunk_l=512, fwd_block_d=1, fwd_warps=1, bwd_block_d=1, bwd_warps=1, carry_in_memory=True,
                        atomic_bc=True, bwd_n_stages=3, paired_bc=True, flip_adjoint=True, edge_asm=True,
-                       scan_asm=True, joint_scan=True),
+                       scan_asm=True, joint_scan=True, batch_inner=True, bc_copies=4),
     "interpret": BlockSizes(chunk_l=8, fwd_block_d=2, fwd_warps=1, bwd_block_d=4, bwd_warps=1),
 }
 # Tuning scripts (benchmarks/tune_scan.py) set this to try a configuration; None in normal use.
