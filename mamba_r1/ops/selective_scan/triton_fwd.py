@@ -98,6 +98,10 @@ class BlockSizes:
 # A ninth and tenth (seventh session): the forward's scan in inline PTX (scan_asm) 0.426 / 2.006 / 0.810 -> 0.418 /
 # 1.888 / 0.779 ms; the same scans in the backward, and dB / dC through shared memory, were 1-4% slower (latency-bound
 # loop) and are not used (benchmarks/RESULTS.md, "seventh session").
+# An eleventh to thirteenth (eighth session): the backward's dB / dC atomics were most of its time (1.28 ms without
+# them against 2.06 at the first shape): the batch element fastest in the grid and four dB / dC copies, 2.027 ->
+# 1.682 / 7.328 -> 7.004 / 3.234 -> 2.839 ms; the recompute and adjoint in one scan (joint_scan) 1-2% on top. Two or
+# four states per forward iteration, and the joint scan by inline PTX, were not faster and are gone.
 # Under the interpreter the blocks are tiny so that small test shapes cross many chunk and block edges, and the two
 # kernels use different block_d on purpose.
 BLOCK_SIZE_TABLE = {
