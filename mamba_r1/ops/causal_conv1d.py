@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from loguru import logger
 from torch import Tensor
 
+from mamba_r1.ops.eager_custom_ops import backward_op, eager_function, run_op
 from mamba_r1.ops.selective_scan import _check_float, _check_shape
 from mamba_r1.ops.triton_runtime import (
     built_for_interpreter,
@@ -572,8 +573,7 @@ def _causal_conv1d_bwd_triton(dout, x, weight, bias, initial_state, silu: bool):
 # ---------------------------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("mamba_r1::causal_conv1d_fwd", mutates_args=())
-def causal_conv1d_fwd_op(
+def _causal_conv1d_fwd(
     x: Tensor,  # (batch, dim, seqlen), any strides
     weight: Tensor,  # (dim, width)
     bias: Optional[Tensor],  # (dim,)
@@ -584,13 +584,15 @@ def causal_conv1d_fwd_op(
     return _causal_conv1d_fwd_triton(x, weight, bias, initial_state, silu)
 
 
+causal_conv1d_fwd_op = torch.library.custom_op("mamba_r1::causal_conv1d_fwd", mutates_args=())(_causal_conv1d_fwd)
+
+
 @causal_conv1d_fwd_op.register_fake
 def _(x, weight, bias, initial_state, silu):
     return x.new_empty(x.shape)  # contiguous, x's dtype
 
 
-@torch.library.custom_op("mamba_r1::causal_conv1d_bwd", mutates_args=())
-def causal_conv1d_bwd_op(
+def _causal_conv1d_bwd(
     dout: Tensor,  # (batch, dim, seqlen), any strides
     x: Tensor,
     weight: Tensor,
@@ -606,6 +608,9 @@ def causal_conv1d_bwd_op(
         return x.new_empty(0) if t is None else grad.to(t.dtype)
 
     return dx.to(x.dtype), like(dweight, weight), like(dbias, bias), like(dinit, initial_state)
+
+
+causal_conv1d_bwd_op = torch.library.custom_op("mamba_r1::causal_conv1d_bwd", mutates_args=())(_causal_conv1d_bwd)
 
 
 @causal_conv1d_bwd_op.register_fake
@@ -624,11 +629,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout):
     x, weight, bias, initial_state = ctx.saved_tensors
-    dx, dweight, dbias, dinit = causal_conv1d_bwd_op(dout, x, weight, bias, initial_state, ctx.silu)
+    dx, dweight, dbias, dinit = backward_op(ctx, causal_conv1d_bwd_op, _causal_conv1d_bwd)(
+        dout, x, weight, bias, initial_state, ctx.silu)
     return (dx, dweight, dbias if bias is not None else None, dinit if initial_state is not None else None, None)
 
 
 causal_conv1d_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_CausalConv1dEager = eager_function("_CausalConv1dEager", _causal_conv1d_fwd, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------- public function
@@ -650,7 +657,8 @@ def causal_conv1d(
     weight and bias gradients (deterministic: per-program partial sums added by torch).
 
     ``backend``: "torch" (``causal_conv1d_ref``), "triton" (fused forward and backward kernels; CUDA, or CPU under
-    TRITON_INTERPRET=1; width <= MAX_TRITON_WIDTH; opaque to torch.compile, which calls the custom ops) or "auto"
+    TRITON_INTERPRET=1; width <= MAX_TRITON_WIDTH; opaque to torch.compile, which calls the custom ops; eagerly
+    their bodies run under a plain autograd.Function, without the dispatcher's host cost) or "auto"
     (triton on CUDA tensors, torch otherwise and for widths above MAX_TRITON_WIDTH).
     """
     _check_seq_args(x, weight, bias, silu, initial_state)
@@ -666,7 +674,7 @@ def causal_conv1d(
         return causal_conv1d_ref(x, weight, bias, silu, initial_state)
     if weight.dim() == 3:
         weight = weight[:, 0, :]  # nn.Conv1d's (dim, 1, width) -> (dim, width) view; its gradient flows back
-    return causal_conv1d_fwd_op(x, weight, bias, initial_state, silu)
+    return run_op(causal_conv1d_fwd_op, _CausalConv1dEager, x, weight, bias, initial_state, silu)
 
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref",

@@ -141,6 +141,34 @@ def test_triton_backend_takes_the_torch_path_when_grad_is_needed(monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU path without the interpreter")
+def test_eager_calls_skip_the_dispatcher_with_the_same_results(monkeypatch):
+    """Eagerly the triton conv runs its custom ops' bodies under a plain autograd.Function; traced, the custom ops.
+    Same kernels: output and every gradient equal bit for bit, and only the eager graph has the plain node."""
+    from mamba_r1.ops import eager_custom_ops
+
+    gen = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(*shape, generator=gen).to(DEVICE) for shape in ((2, 6, 13), (6, 4), (6,), (2, 6, 3))]
+    cotangent = torch.randn(2, 6, 13, generator=gen).to(DEVICE)
+    results = []
+    for traced in (False, True):
+        monkeypatch.setattr(eager_custom_ops, "tracing", lambda: traced)
+        x, weight, bias, init = [t.clone().requires_grad_() for t in leaves]
+        out = causal_conv1d(x, weight, bias, silu=True, initial_state=init, backend="triton")
+        names, stack = set(), [out.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is not None:
+                names.add(node.name())
+                stack.extend(next_node for next_node, _ in node.next_functions)
+        grads = torch.autograd.grad((out * cotangent).sum(), [x, weight, bias, init])
+        results.append((names, [out.detach(), *grads]))
+    (eager_names, eager), (traced_names, traced) = results
+    assert "_CausalConv1dEagerBackward" in eager_names
+    assert "_CausalConv1dEagerBackward" not in traced_names
+    for got, want in zip(eager, traced):
+        assert torch.equal(got, want)
+
+
 def test_triton_on_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
     monkeypatch.setattr(conv_module, "_interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):

@@ -310,6 +310,41 @@ def test_custom_ops_pass_opcheck(variant):
         torch.library.opcheck(selective_scan_bwd_op, cotangents + plain + [checkpoints, True])
 
 
+def autograd_node_names(out):
+    """Names of every node in out's autograd graph."""
+    names, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            names.add(node.name())
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_eager_calls_skip_the_dispatcher_with_the_same_results(monkeypatch):
+    """Eagerly the scan runs the custom ops' bodies under a plain autograd.Function (eager_custom_ops.run_op); traced
+    (what torch.compile sees) the custom ops themselves. Same kernels: output, last state and every gradient equal bit
+    for bit, and the eager graph has the plain node."""
+    from mamba_r1.ops import eager_custom_ops
+
+    torch.manual_seed(0)
+    leaves = make_inputs(2, 5, 19, 3, groups=0)
+    cotangent = torch.randn(2, 5, 19, device=DEVICE)
+    results = []
+    for traced in (False, True):
+        monkeypatch.setattr(eager_custom_ops, "tracing", lambda: traced)
+        args = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in leaves.items()}
+        out, last = selective_scan(**args, delta_softplus=True, return_last_state=True, backend="triton")
+        names = autograd_node_names(out)
+        grads = torch.autograd.grad((out * cotangent).sum() + last.sum(), [args[k] for k in NAMES])
+        results.append((names, [out.detach(), last.detach(), *grads]))
+    (eager_names, eager), (traced_names, traced) = results
+    assert "_SelectiveScanEagerBackward" in eager_names
+    assert "_SelectiveScanEagerBackward" not in traced_names
+    for got, want in zip(eager, traced):
+        assert torch.equal(got, want)
+
+
 def test_compiles_with_fullgraph():
     args = make_inputs(2, 3, 10, 3, groups=3, dtype=torch.bfloat16)
 

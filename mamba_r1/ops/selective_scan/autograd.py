@@ -1,6 +1,7 @@
 """Autograd glue of the Triton selective scan: two ``torch.library.custom_op``s (forward, backward) tied together
-with ``register_autograd``, so the kernels work in eager mode, under ``torch.compile(fullgraph=True)`` (the ops are
-opaque to the compiler and have fake implementations) and pass ``torch.library.opcheck``.
+with ``register_autograd``, so the kernels work under ``torch.compile(fullgraph=True)`` (the ops are opaque to the
+compiler and have fake implementations) and pass ``torch.library.opcheck``. Eagerly the same bodies, setup_context
+and backward run under a plain autograd.Function (eager_custom_ops.run_op), without the dispatcher's host cost.
 
 What the forward keeps for the backward: the inputs and the float32 state at every chunk start,
 (batch, dim, n_chunks, d_state) with n_chunks = ceil(seqlen / CHUNK_L); the backward recomputes the states in between.
@@ -19,6 +20,7 @@ import torch
 from loguru import logger
 from torch import Tensor
 
+from mamba_r1.ops.eager_custom_ops import backward_op, eager_function, run_op
 from mamba_r1.ops.triton_runtime import check_triton_runtime, for_kernel
 
 
@@ -55,8 +57,7 @@ def _as_groups(BC: Tensor) -> Tensor:
     return BC.unsqueeze(1) if BC.dim() == 3 else BC
 
 
-@torch.library.custom_op("mamba_r1::selective_scan_fwd", mutates_args=())
-def selective_scan_fwd_op(
+def _selective_scan_fwd(
     u: Tensor,  # (batch, dim, seqlen)
     delta: Tensor,  # (batch, dim, seqlen)
     A: Tensor,  # (dim, d_state)
@@ -84,6 +85,9 @@ def selective_scan_fwd_op(
     return out.to(u.dtype), last_state, ckpt
 
 
+selective_scan_fwd_op = torch.library.custom_op("mamba_r1::selective_scan_fwd", mutates_args=())(_selective_scan_fwd)
+
+
 @selective_scan_fwd_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     from mamba_r1.ops.selective_scan.triton_fwd import num_chunks
@@ -96,8 +100,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     return out, last_state, ckpt
 
 
-@torch.library.custom_op("mamba_r1::selective_scan_bwd", mutates_args=())
-def selective_scan_bwd_op(
+def _selective_scan_bwd(
     dout: Tensor,  # (batch, dim, seqlen)
     dlast_state: Optional[Tensor],  # (batch, dim, d_state)
     u: Tensor,
@@ -137,6 +140,9 @@ def selective_scan_bwd_op(
             like(grads["initial_state"], initial_state))
 
 
+selective_scan_bwd_op = torch.library.custom_op("mamba_r1::selective_scan_bwd", mutates_args=())(_selective_scan_bwd)
+
+
 @selective_scan_bwd_op.register_fake
 def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, delta_softplus):
     def like(t):
@@ -156,7 +162,8 @@ def _backward(ctx, dout, dlast_state, _dckpt):
     u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(u)
-    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = selective_scan_bwd_op(
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = backward_op(
+        ctx, selective_scan_bwd_op, _selective_scan_bwd)(
         dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt, ctx.delta_softplus)
     return (du, ddelta, dA, dB, dC,
             dD if D is not None else None,
@@ -167,6 +174,7 @@ def _backward(ctx, dout, dlast_state, _dckpt):
 
 
 selective_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_SelectiveScanEager = eager_function("_SelectiveScanEager", _selective_scan_fwd, _setup_context, _backward)
 
 
 def selective_scan_triton(
@@ -192,8 +200,8 @@ def selective_scan_triton(
         if t is not None and t.dtype == torch.float64:
             raise TypeError(f"selective_scan(backend='triton') computes in float32 and takes float16, bfloat16 or "
                             f"float32; got {name} of dtype torch.float64. Use backend='ref' or 'torch' for float64.")
-    out, last_state, _ = selective_scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                                               bool(delta_softplus))
+    out, last_state, _ = run_op(selective_scan_fwd_op, _SelectiveScanEager, u, delta, A, B, C, D, z, delta_bias,
+                                initial_state, bool(delta_softplus))
     if return_last_state:
         return out, last_state
     return out

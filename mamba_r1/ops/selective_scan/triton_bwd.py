@@ -27,6 +27,8 @@ neighbouring programs add into different batch elements' rows.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -42,6 +44,7 @@ from mamba_r1.ops.selective_scan.triton_fwd import (
     load_state_row,
     softplus,
 )
+from mamba_r1.ops.triton_runtime import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -330,25 +333,31 @@ def selective_scan_bwd_launch(
     sizes = block_sizes()
     n_chunks = ckpt.shape[2]
     dim_per_group = dim // groups
-    block_d = min(sizes.bwd_block_d, triton.next_power_of_2(dim_per_group))
-    blocks_per_group = triton.cdiv(dim_per_group, block_d)
+    block_d = min(sizes.bwd_block_d, next_power_of_2(dim_per_group))
+    blocks_per_group = cdiv(dim_per_group, block_d)
 
     f32 = dict(device=u.device, dtype=torch.float32)
+    # The atomics' rows run to the end of the last chunk (unmasked in the kernel); the partials' are seqlen long.
+    bc_row_len = n_chunks * sizes.chunk_l if sizes.atomic_bc else seqlen
+    # Each dB / dC copy is another buffer to zero and sum: at most 64 MiB of them.
+    copies = min(sizes.bc_copies, blocks_per_group, max(1, 2**26 // (batch * groups * d_state * bc_row_len * 4)))
+    state_shape, bc_shape = (batch, dim, d_state), (batch, groups, copies, d_state, bc_row_len)
+    # What must start at zero (dA accumulated across chunks, the adjoint carry, the atomics' sums), in one buffer.
+    zero_shapes = ([state_shape] * (2 if dlast is None else 1) if sizes.carry_in_memory else []) + (
+        [bc_shape] * 2 if sizes.atomic_bc else [])
+    zeroed = torch.zeros(sum(math.prod(shape) for shape in zero_shapes), **f32).split(
+        [math.prod(shape) for shape in zero_shapes])
+    zeroed = [flat.view(shape) for flat, shape in zip(zeroed, zero_shapes)]
     if sizes.carry_in_memory:
-        dA_part = torch.zeros(batch, dim, d_state, **f32)
-        g_carry = dlast.clone() if dlast is not None else torch.zeros(batch, dim, d_state, **f32)
+        dA_part = zeroed.pop(0)
+        g_carry = dlast.clone() if dlast is not None else zeroed.pop(0)
     else:
-        dA_part = torch.empty(batch, dim, d_state, **f32)
+        dA_part = torch.empty(state_shape, **f32)
         g_carry = None
     dD_part = torch.empty(batch, dim, **f32) if D is not None else None
     ddelta_bias_part = torch.empty(batch, dim, **f32) if delta_bias is not None else None
-    # The atomics' rows run to the end of the last chunk (unmasked in the kernel); the partials' are seqlen long.
-    bc_row_len = n_chunks * sizes.chunk_l if sizes.atomic_bc else seqlen
     if sizes.atomic_bc:
-        # Each copy is another dB and dC buffer to zero and sum: at most 64 MiB of them.
-        copies = min(sizes.bc_copies, blocks_per_group, max(1, 2**26 // (batch * groups * d_state * bc_row_len * 4)))
-        dB_part = torch.zeros(batch, groups, copies, d_state, bc_row_len, **f32)
-        dC_part = torch.zeros(batch, groups, copies, d_state, bc_row_len, **f32)
+        dB_part, dC_part = zeroed
     else:
         dB_part = torch.empty(batch, groups, blocks_per_group, d_state, seqlen, **f32)
         dC_part = torch.empty(batch, groups, blocks_per_group, d_state, seqlen, **f32)
@@ -384,7 +393,7 @@ def selective_scan_bwd_launch(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         HAS_DLAST=dlast is not None, WANT_DH0=want_dinitial_state, DELTA_SOFTPLUS=delta_softplus,
         CARRY_IN_MEMORY=sizes.carry_in_memory, ATOMIC_BC=sizes.atomic_bc,
-        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
+        BLOCK_D=block_d, BLOCK_N=next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
         N_STAGES=sizes.bwd_n_stages, UNROLL_N=sizes.unroll_n, PAIRED_BC=pairs is not None,
         FLIP_ADJOINT=sizes.flip_adjoint,
         LANE_ASM=lane_asm_ok, EDGE_ASM=sizes.edge_asm and lane_asm_ok,

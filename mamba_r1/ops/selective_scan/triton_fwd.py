@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from mamba_r1.ops.selective_scan.lane_asm import lane_asm, scan_time, store_edge
-from mamba_r1.ops.triton_runtime import built_for_interpreter
+from mamba_r1.ops.triton_runtime import built_for_interpreter, cdiv, next_power_of_2
 
 
 @dataclass(frozen=True)
@@ -337,10 +337,10 @@ def selective_scan_fwd_launch(
     batch, dim, seqlen = u.shape
     groups, d_state = B.shape[1], A.shape[1]
     sizes = block_sizes()
-    n_chunks = triton.cdiv(seqlen, sizes.chunk_l)
+    n_chunks = cdiv(seqlen, sizes.chunk_l)
     dim_per_group = dim // groups
-    block_d = min(sizes.fwd_block_d, triton.next_power_of_2(dim_per_group))
-    blocks_per_group = triton.cdiv(dim_per_group, block_d)
+    block_d = min(sizes.fwd_block_d, next_power_of_2(dim_per_group))
+    blocks_per_group = cdiv(dim_per_group, block_d)
     last_state = torch.empty(batch, dim, d_state, device=u.device, dtype=torch.float32)
     ckpt = torch.empty(batch, dim, n_chunks, d_state, device=u.device, dtype=torch.float32)
     # Absent optional inputs are never read (their HAS_* flag is False): any tensor stands in for the pointer.
@@ -365,7 +365,7 @@ def selective_scan_fwd_launch(
         out.stride(0), out.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         HAS_H0=initial_state is not None, DELTA_SOFTPLUS=delta_softplus, CARRY_IN_MEMORY=sizes.carry_in_memory,
-        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
+        BLOCK_D=block_d, BLOCK_N=next_power_of_2(d_state), CHUNK_L=sizes.chunk_l,
         N_STAGES=sizes.n_stages, UNROLL_N=sizes.unroll_n, PAIRED_BC=pairs is not None,
         EDGE_ASM=sizes.edge_asm and lane_asm_ok, EVEN=even_tiles(seqlen, sizes.chunk_l, dim_per_group, block_d),
         SCAN_ASM=scan_asm,
