@@ -35,3 +35,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def autograd_node_names(out) -> set[str]:
+    """Names of every node in out's autograd graph."""
+    names, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            names.add(node.name())
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return names

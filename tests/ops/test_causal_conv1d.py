@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from mamba_r1.ops import causal_conv1d, causal_conv1d_ref, causal_conv1d_update
 from mamba_r1.ops.causal_conv1d import MAX_TRITON_WIDTH, causal_conv1d_update_ref
-from tests.conftest import DEVICE, GRAD_TOL, TOL, rel_err
+from tests.conftest import DEVICE, GRAD_TOL, TOL, autograd_node_names, rel_err
 
 # `import mamba_r1.ops.causal_conv1d as m` would bind the function that mamba_r1.ops re-exports under that name.
 conv_module = importlib.import_module("mamba_r1.ops.causal_conv1d")
@@ -140,7 +140,6 @@ def test_triton_backend_takes_the_torch_path_when_grad_is_needed(monkeypatch):
     causal_conv1d_update(**args, backend="auto")  # CPU tensors: auto is torch
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU path without the interpreter")
 def test_eager_calls_skip_the_dispatcher_with_the_same_results(monkeypatch):
     """Eagerly the triton conv runs its custom ops' bodies under a plain autograd.Function; traced, the custom ops.
     Same kernels: output and every gradient equal bit for bit, and only the eager graph has the plain node."""
@@ -154,12 +153,7 @@ def test_eager_calls_skip_the_dispatcher_with_the_same_results(monkeypatch):
         monkeypatch.setattr(eager_custom_ops, "tracing", lambda: traced)
         x, weight, bias, init = [t.clone().requires_grad_() for t in leaves]
         out = causal_conv1d(x, weight, bias, silu=True, initial_state=init, backend="triton")
-        names, stack = set(), [out.grad_fn]
-        while stack:
-            node = stack.pop()
-            if node is not None:
-                names.add(node.name())
-                stack.extend(next_node for next_node, _ in node.next_functions)
+        names = autograd_node_names(out)
         grads = torch.autograd.grad((out * cotangent).sum(), [x, weight, bias, init])
         results.append((names, [out.detach(), *grads]))
     (eager_names, eager), (traced_names, traced) = results
@@ -169,6 +163,7 @@ def test_eager_calls_skip_the_dispatcher_with_the_same_results(monkeypatch):
         assert torch.equal(got, want)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU path without the interpreter")
 def test_triton_on_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
     monkeypatch.setattr(conv_module, "_interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):

@@ -11,7 +11,7 @@ from mamba_r1.ops import eager_custom_ops
 from mamba_r1.ops.moe_dispatch import ffn_activation
 from mamba_r1.ops.moe_expert_ffn import bias_act
 from mamba_r1.ops.moe_routing import LAYOUTS, route_and_plan
-from tests.conftest import DEVICE, GRAD_TOL, TOL, rel_err
+from tests.conftest import DEVICE, GRAD_TOL, TOL, autograd_node_names, rel_err
 from tests.ops.moe_cases import DTYPES, force_triton, route, route_cases, route_inputs
 
 
@@ -78,12 +78,7 @@ def test_expert_ffn_node_matches_its_composition(monkeypatch, layout, activation
         inputs = [t.clone().requires_grad_() for t in leaves]
         rows, w1, b1, w2, b2 = inputs
         out = moe_expert_ffn.expert_ffn_fused(rows, plan, w1, b1, w2, b2, activation)
-        names, stack = set(), [out.grad_fn]
-        while stack:
-            node = stack.pop()
-            if node is not None:
-                names.add(node.name())
-                stack.extend(next_node for next_node, _ in node.next_functions)
+        names = autograd_node_names(out)
         out.backward(grad)
         results.append((names, [out.detach()] + [t.grad for t in inputs]))
     (eager_names, eager), (traced_names, traced) = results

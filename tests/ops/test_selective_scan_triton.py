@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from mamba_r1.ops.selective_scan import selective_scan
 from mamba_r1.ops.selective_scan.ref import selective_scan_ref_float64
-from tests.conftest import DEVICE, GRAD_TOL, TOL, rel_err
+from tests.conftest import DEVICE, GRAD_TOL, TOL, autograd_node_names, rel_err
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -308,17 +308,6 @@ def test_custom_ops_pass_opcheck(variant):
         _, last_state, checkpoints = selective_scan_fwd_op(*plain, True)
         cotangents = [torch.randn_like(plain[0]), torch.randn_like(last_state)]
         torch.library.opcheck(selective_scan_bwd_op, cotangents + plain + [checkpoints, True])
-
-
-def autograd_node_names(out):
-    """Names of every node in out's autograd graph."""
-    names, stack = set(), [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None:
-            names.add(node.name())
-            stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
 
 
 def test_eager_calls_skip_the_dispatcher_with_the_same_results(monkeypatch):
