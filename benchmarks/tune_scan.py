@@ -60,6 +60,10 @@ SHAPES = [(8, 2048, 2048, 16), (1, 2048, 65536, 16), (8, 1024, 2048, 64)]
 # (lane_asm.scan_time): forward 0.426 / 2.006 / 0.810 -> 0.418 / 1.888 / 0.779; its fix-up variant 0.426 / 1.904 /
 # 0.794; the same scans in the backward 2.071 / 7.359 / 3.219 -> 2.107 / 7.533 / 3.317 (fix-up 2.087 / 7.481 /
 # 3.279), so the backward keeps tl.associative_scan.
+# An eleventh to thirteenth (eighth session; medians of three rounds, --rounds, since the lent GPU drifts by several
+# percent within a call): "joint" (recompute and adjoint in one scan) 1.985 / 7.385 / 3.227 -> 1.960 / 7.245 / 3.198;
+# "binner" + "copies4" (the dB / dC atomics spread over batch elements and four buffers) 2.027 / 7.328 / 3.234 ->
+# 1.682 / 7.004 / 2.839 (benchmarks/RESULTS.md, "eighth session"). Two or four states per forward iteration lost.
 FWD = [(512, 1, 1, 1, 1, "paired+edge"), (512, 1, 1, 1, 1, "paired+edge+scan")]
 # Configurations that spill (benchmarks/kernel_resources.py compiles them here, no GPU needed) are left out.
 BWD = [(512, 1, 1, 3, 1, "paired+flip+edge+joint"), (512, 1, 1, 3, 1, "paired+flip+edge+joint+binner+copies4")]
