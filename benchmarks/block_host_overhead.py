@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import importlib
 import os
-import time
+import sys
+from pathlib import Path
 
 import torch
 
@@ -26,33 +27,16 @@ from mamba_r1 import MambaBlock  # noqa: E402
 from mamba_r1.ops import eager_custom_ops  # noqa: E402
 from mamba_r1.ops.selective_scan import triton_bwd, triton_fwd  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import best_host_us, stub_kernel_launches  # noqa: E402
+
 conv = importlib.import_module("mamba_r1.ops.causal_conv1d")  # the package re-exports a function of that name
 
 
-class _NoLaunch:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
 def stub_kernels() -> None:
-    for module in (conv, triton_fwd, triton_bwd):
-        for name in dir(module):
-            if name.startswith("_") and name.endswith("_kernel"):
-                setattr(module, name, _NoLaunch())
+    stub_kernel_launches(conv, triton_fwd, triton_bwd)
     conv._interpreting = lambda: True
     triton_fwd.interpreting = lambda: True
-
-
-def best_us(fn, reps: int = 7, calls: int = 100) -> float:
-    for _ in range(20):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-    return min(times)
 
 
 def main():
@@ -69,7 +53,7 @@ def main():
     print("MambaBlock(64), batch 2 x 64, CPU, kernels stubbed: host time of one forward + backward step")
     for path, traced in (("eager (plain autograd.Functions)", False), ("through the custom ops", True)):
         eager_custom_ops.tracing = lambda traced=traced: traced
-        print(f"  {path:34s} {best_us(step):8.1f} us")
+        print(f"  {path:34s} {best_host_us(step):8.1f} us")
 
 
 if __name__ == "__main__":

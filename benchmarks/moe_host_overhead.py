@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,34 +30,18 @@ import mamba_r1.ops.moe_routing as moe_routing  # noqa: E402
 from mamba_r1.modules.moe import SwitchMoE  # noqa: E402
 from mamba_r1.ops import eager_custom_ops  # noqa: E402
 
-
-class _NoLaunch:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+sys.path.insert(0, str(Path(__file__).parent))
+from common import best_host_us, stub_kernel_launches  # noqa: E402
 
 
 def stub_kernels() -> None:
+    stub_kernel_launches(moe_routing, moe_combine, moe_expert_ffn)
     for module in (moe_routing, moe_combine, moe_expert_ffn):
-        for name in dir(module):
-            if name.startswith("_") and name.endswith("_kernel"):
-                setattr(module, name, _NoLaunch())
         module._interpreting = lambda: True
         module.resolve_backend = lambda op, backend, device: "triton"
     moe_routing.resolve_routing_backend = lambda backend, logits, priority: "triton"
     zeros = torch.zeros
     torch.empty = lambda *args, **kwargs: zeros(*args, **kwargs)
-
-
-def best_us(fn, reps: int = 7, calls: int = 100) -> float:
-    for _ in range(20):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-    return min(times)
 
 
 def backward_nodes_us(step_outputs, runs: int = 50) -> dict[str, float]:
@@ -111,7 +97,7 @@ def main() -> None:
             # path, the ops' bodies under plain autograd.Functions, three of them fused nodes.
             ops = path == "custom ops"
             eager_custom_ops.tracing = (lambda: True) if ops else tracing
-            print(f"| {backend} | {path} | {best_us(forward):.0f} | {best_us(step):.0f} |", flush=True)
+            print(f"| {backend} | {path} | {best_host_us(forward):.0f} | {best_host_us(step):.0f} |", flush=True)
             nodes[(backend, path)] = backward_nodes_us(step_outputs)
     eager_custom_ops.tracing = tracing
     print("\nbackward, median host µs per autograd node")
