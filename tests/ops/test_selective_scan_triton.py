@@ -310,6 +310,20 @@ def test_custom_ops_pass_opcheck(variant):
         torch.library.opcheck(selective_scan_bwd_op, cotangents + plain + [checkpoints, True])
 
 
+@pytest.mark.parametrize("variant", ["registers", "memory"])
+def test_empty_batch_gives_empty_outputs_and_gradients(variant):
+    """batch 0: empty output and last state, zero-size gradients of the activations and zero gradients of the
+    parameters (no division by the empty size anywhere in the launchers)."""
+    args = make_inputs(0, 3, 10, 4)
+    with block_sizes_variant(variant):
+        out, last = selective_scan(**args, delta_softplus=True, return_last_state=True, backend="triton")
+        assert out.shape == (0, 3, 10) and last.shape == (0, 3, 4)
+        grads = torch.autograd.grad(out.sum() + last.sum(), [args[k] for k in NAMES])
+    for name, grad in zip(NAMES, grads):
+        assert grad.shape == args[name].shape, name
+        assert torch.count_nonzero(grad) == 0, name
+
+
 def test_eager_calls_skip_the_dispatcher_with_the_same_results(monkeypatch):
     """Eagerly the scan runs the custom ops' bodies under a plain autograd.Function (eager_custom_ops.run_op); traced
     (what torch.compile sees) the custom ops themselves. Same kernels: output, last state and every gradient equal bit

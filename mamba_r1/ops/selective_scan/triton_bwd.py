@@ -340,7 +340,8 @@ def selective_scan_bwd_launch(
     # The atomics' rows run to the end of the last chunk (unmasked in the kernel); the partials' are seqlen long.
     bc_row_len = n_chunks * sizes.chunk_l if sizes.atomic_bc else seqlen
     # Each dB / dC copy is another buffer to zero and sum: at most 64 MiB of them.
-    copies = min(sizes.bc_copies, blocks_per_group, max(1, 2**26 // (batch * groups * d_state * bc_row_len * 4)))
+    copy_bytes = max(1, batch * groups * d_state * bc_row_len * 4)
+    copies = min(sizes.bc_copies, blocks_per_group, max(1, 2**26 // copy_bytes)) if sizes.atomic_bc else 1
     state_shape, bc_shape = (batch, dim, d_state), (batch, groups, copies, d_state, bc_row_len)
     # What must start at zero (dA accumulated across chunks, the adjoint carry, the atomics' sums), in one buffer.
     zero_shapes = ([state_shape] * (2 if dlast is None else 1) if sizes.carry_in_memory else []) + (
