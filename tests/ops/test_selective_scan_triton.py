@@ -310,6 +310,21 @@ def test_custom_ops_pass_opcheck(variant):
         torch.library.opcheck(selective_scan_bwd_op, cotangents + plain + [checkpoints, True])
 
 
+@pytest.mark.parametrize("groups", [0, 2])
+def test_db_dc_copies_and_batch_inner_grid_match_reference(groups):
+    """The GPU table's dB / dC atomics: channel blocks add into block % bc_copies of several buffers, and the grid runs
+    the batch element fastest. Here 3 copies fed by 3 channel blocks per group (dim 24 in blocks of 4) over 3 batch
+    elements: forward and every gradient against the float64 reference."""
+    from mamba_r1.ops.selective_scan import triton_fwd
+
+    torch.manual_seed(1)
+    args = make_inputs(3, 24, 21, 5, groups=groups)
+    with block_sizes_variant("memory"):
+        sizes = triton_fwd.block_sizes()
+        assert sizes.bc_copies == 3 and sizes.batch_inner and sizes.atomic_bc and 24 // max(groups, 1) // 4 >= 3
+        check_against_reference(args, delta_softplus=True, return_last_state=True, dtype=torch.float32)
+
+
 @pytest.mark.parametrize("variant", ["registers", "memory"])
 def test_empty_batch_gives_empty_outputs_and_gradients(variant):
     """batch 0: empty output and last state, zero-size gradients of the activations and zero gradients of the
