@@ -205,7 +205,7 @@ def _selective_scan_bwd_kernel(
             # The chunk-start state enters the first step's input (as in the forward): the scan's cumulative decays
             # go unused and the compiler drops them.
             x_in = tl.where(offs_l[None, :] == 0, x + decay * h_start[:, None], x)
-            if not JOINT_SCAN:  # else scanned together with the adjoint below
+            if not JOINT_SCAN:  # else scanned together with the adjoint below (JOINT_SCAN needs FLIP_ADJOINT)
                 _, h_n = tl.associative_scan((decay, x_in), 1, affine_combine)
                 if HAS_Z:
                     y += h_n * C_n[None, :]
@@ -217,21 +217,19 @@ def _selective_scan_bwd_kernel(
                 g_end = tl.sum(tl.where(is_n, g_carry, 0.0), axis=1)  # (BLOCK_D,)
             # Likewise the adjoint from the right enters the last step's input: g_{L-1} = dy C + exp(dt_L A) g_L.
             decay_next = tl.exp2(dt_next * A_n[:, None])
-            if JOINT_SCAN:
-                # As FLIP_ADJOINT below, with the recompute scan in the same tl.associative_scan: the two are
-                # independent, and one scan over four tiles interleaves their shuffles and FMA chains (this loop
-                # waits on latency far more than on issue slots).
-                dy_C = flip_time(dy * C_n[None, :], CHUNK_L, LANE_ASM)
-                dy_C = tl.where(offs_l[None, :] == 0, dy_C + decay_next * g_end[:, None], dy_C)
-                _, h_n, _, g_n = tl.associative_scan((decay, x_in, decay_next, dy_C), 1, affine_combine2)
-                g_n = flip_time(g_n, CHUNK_L, LANE_ASM)
-                if HAS_Z:
-                    y += h_n * C_n[None, :]
-            elif FLIP_ADJOINT:
+            if FLIP_ADJOINT:
                 # Reversed time s = CHUNK_L - 1 - t: G_s = dyC_s + decay_next_s G_{s-1}, the chunk's last step first.
                 dy_C = flip_time(dy * C_n[None, :], CHUNK_L, LANE_ASM)
                 dy_C = tl.where(offs_l[None, :] == 0, dy_C + decay_next * g_end[:, None], dy_C)
-                _, g_n = tl.associative_scan((decay_next, dy_C), 1, affine_combine)
+                if JOINT_SCAN:
+                    # With the recompute scan in the same tl.associative_scan: the two are independent, and one scan
+                    # over four tiles interleaves their shuffles and FMA chains (this loop waits on latency far more
+                    # than on issue slots).
+                    _, h_n, _, g_n = tl.associative_scan((decay, x_in, decay_next, dy_C), 1, affine_combine2)
+                    if HAS_Z:
+                        y += h_n * C_n[None, :]
+                else:
+                    _, g_n = tl.associative_scan((decay_next, dy_C), 1, affine_combine)
                 g_n = flip_time(g_n, CHUNK_L, LANE_ASM)
             else:
                 dy_C = dy * C_n[None, :]
@@ -400,7 +398,7 @@ def selective_scan_bwd_launch(
         LANE_ASM=lane_asm_ok, EDGE_ASM=sizes.edge_asm and lane_asm_ok,
         EVEN=even_tiles(seqlen, sizes.chunk_l, dim_per_group, block_d),
         JOINT_SCAN=sizes.joint_scan and sizes.flip_adjoint, BATCH_INNER=batch_inner,
-        BC_COPIES=dB_part.shape[2] if sizes.atomic_bc else 1,
+        BC_COPIES=copies,
         num_warps=sizes.bwd_warps, **launch_options,
     )
     return {
