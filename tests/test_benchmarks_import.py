@@ -11,7 +11,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py"))
 # Scripts that refuse to import without Triton's interpreter (they stub its kernels).
-NEEDS_INTERPRETER = {"moe_host_overhead"}
+NEEDS_INTERPRETER = {"block_host_overhead", "moe_host_overhead"}
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
