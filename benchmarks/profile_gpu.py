@@ -1,7 +1,7 @@
 """Where the GPU time of a MambaBlock or SwitchMoE training step, or of one decoding step, goes: torch.profiler's
 per-kernel table.
 
-    python benchmarks/profile_gpu.py block|moe|decode|scan [--rows 25] [--batch 1]
+    python benchmarks/profile_gpu.py block|moe|decode|scan [--rows 25] [--batch 1] [--compile]
 Shapes as in TARGETS.md: MambaBlock(1024) at batch 8 x 2048; SwitchMoE 16,384 tokens, 1024 -> 4096, 8 experts;
 decode: the 130M pure-Mamba model (768 wide, 24 layers) one token at a time after a 2,048-token prefill; scan: the
 Triton selective scan's forward + backward at 8 x 2048 x 2048 x 16 (bench_scan.py's inputs); bf16.
@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from mamba_r1 import MambaBlock, SwitchMoE, create_mamba_moe
 
 
-def step_fn(what: str, batch: int):
+def step_fn(what: str, batch: int, compiled: bool = False):
     dtype, device = torch.bfloat16, "cuda"
     if what == "decode":
         model = create_mamba_moe(dim=768, depth=24, d_state=16, d_conv=4, expand=2, ffn="none", vocab_size=50280,
@@ -56,9 +56,10 @@ def step_fn(what: str, batch: int):
         module = SwitchMoE(1024, num_experts=8, expert_dim=4096, capacity_factor=1.25, device=device, dtype=dtype)
         x = torch.randn(16384, 1024, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn_like(x)
+    run = torch.compile(module, fullgraph=True) if compiled else module
 
     def step():
-        y = module(x)
+        y = run(x)
         torch.autograd.grad(y, [x] + list(module.parameters()), dy)
 
     return step
@@ -69,8 +70,9 @@ def main():
     p.add_argument("what", choices=["block", "moe", "decode", "scan"])
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--batch", type=int, default=1, help="decode only")
+    p.add_argument("--compile", action="store_true", help="block and moe: the module under torch.compile(fullgraph)")
     a = p.parse_args()
-    step = step_fn(a.what, a.batch)
+    step = step_fn(a.what, a.batch, a.compile)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -78,7 +80,7 @@ def main():
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    print(f"\n{a.what}{f' batch {a.batch}' if a.what == 'decode' else ''}: 5 steps")
+    print(f"\n{a.what}{f' batch {a.batch}' if a.what == 'decode' else ''}{' compiled' if a.compile else ''}: 5 steps")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=70))
 
 

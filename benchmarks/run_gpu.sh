@@ -3,7 +3,7 @@
 # $OUT/gpu_results.tgz ($OUT: the device tool's output folder). Usage (repo root; the lent image had no loguru in
 # 2026-11, so carry its wheel in .whl/, see the device tool's README):
 #   bash benchmarks/run_gpu.sh [STAGE ...]   stages: tests quicktests scan block moe memory decode profile
-#   profile_scan profile_moe moe_breakdown moegemm fusedgemm tunemoe moe_capture profile_decode moetests scantests decodelinear conv convsweep ncu tune (default: tests scan block moe memory decode profile)
+#   profile_scan profile_moe profile_moe_compiled moe_breakdown moecompile ncu_moe moegemm fusedgemm tunemoe moe_capture profile_decode moetests scantests decodelinear conv convsweep ncu tune (default: tests scan block moe memory decode profile)
 # The device's copy of the tree has no .git: `git checkout` there does nothing, so a stage cannot fall back to
 # committed files; run it on a tree where every imported file is present.
 set -uo pipefail
@@ -44,11 +44,15 @@ for w in $what; do
     scan)   python3 benchmarks/bench_scan.py --device cuda --preset targets --out "$OUT/scan_cuda.json" 2>&1 | tee "$OUT/scan.log" ;;
     block)  python3 benchmarks/bench_block.py --device cuda 2>&1 | tee "$OUT/block.log" ;;
     moe)    python3 benchmarks/bench_moe.py --device cuda 2>&1 | tee "$OUT/moe.log" ;;
+    # The same plus torch.compile'd rows (the dense FFN and the layer, fullgraph): minutes of compiling.
+    moecompile) python3 benchmarks/bench_moe.py --device cuda --compile --no-graphs \
+              --out "$OUT/moe_compile.json" 2>&1 | tee "$OUT/moe_compile.log" ;;
     memory) python3 benchmarks/bench_memory.py --device cuda 2>&1 | tee "$OUT/memory.log" ;;
     decode) python3 benchmarks/bench_decode.py --device cuda 2>&1 | tee "$OUT/decode.log" ;;
     profile) python3 benchmarks/profile_gpu.py block 2>&1 | tee "$OUT/profile_block.log" ;;
     profile_scan) python3 benchmarks/profile_gpu.py scan --rows 20 2>&1 | tee "$OUT/profile_scan.log" ;;
     profile_moe) python3 benchmarks/profile_gpu.py moe --rows 40 2>&1 | tee "$OUT/profile_moe.log" ;;
+    profile_moe_compiled) python3 benchmarks/profile_gpu.py moe --compile --rows 45 2>&1 | tee "$OUT/profile_moe_compiled.log" ;;
     moe_breakdown) python3 benchmarks/moe_breakdown.py 2>&1 | tee "$OUT/moe_breakdown.log" ;;
     # The layer's six matmuls, dense vs torch._grouped_mm in both expert-weight layouts.
     # Tile sweeps of the MoE elementwise kernels (bias + GELU, combine, x's gradient) at the layer's shapes.
@@ -70,6 +74,11 @@ for w in $what; do
               --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
               --section LaunchStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
               python3 benchmarks/ncu_scan.py > "$OUT/ncu_scan.log" 2>&1; tail -5 "$OUT/ncu_scan.log" ;;
+    # Hardware counters of SwitchMoE's elementwise kernels (bias + activation, combine, x's gradient), one of each.
+    ncu_moe) ncu --clock-control none --kernel-name regex:"bias_act|combine|token_grad" --launch-skip 10 \
+              --launch-count 5 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+              --section ComputeWorkloadAnalysis --section WarpStateStats \
+              python3 benchmarks/ncu_moe.py > "$OUT/ncu_moe.log" 2>&1; tail -5 "$OUT/ncu_moe.log" ;;
     tune)   python3 benchmarks/tune_scan.py --budget-s "${TUNE_BUDGET_S:-240}" --which "${TUNE_WHICH:-fwd,bwd}" --rounds "${TUNE_ROUNDS:-1}" --out "$OUT/tune_scan.json" 2>&1 | tee "$OUT/tune.log" ;;
   esac
   # The tarball after every stage: a call cut off at the device's limit still returns what finished.

@@ -146,8 +146,10 @@ def test_eager_calls_skip_the_dispatcher_with_the_same_results(monkeypatch):
     from mamba_r1.ops import eager_custom_ops
 
     gen = torch.Generator().manual_seed(0)
-    leaves = [torch.randn(*shape, generator=gen).to(DEVICE) for shape in ((2, 6, 13), (6, 4), (6,), (2, 6, 3))]
-    cotangent = torch.randn(2, 6, 13, generator=gen).to(DEVICE)
+    # device="cpu": the GPU suite makes CUDA the default device, and a CPU generator cannot draw there.
+    leaves = [torch.randn(*shape, generator=gen, device="cpu").to(DEVICE)
+              for shape in ((2, 6, 13), (6, 4), (6,), (2, 6, 3))]
+    cotangent = torch.randn(2, 6, 13, generator=gen, device="cpu").to(DEVICE)
     results = []
     for traced in (False, True):
         monkeypatch.setattr(eager_custom_ops, "tracing", lambda: traced)
