@@ -156,6 +156,8 @@ def main() -> None:
     parser.add_argument("--capacity-factor", type=float, default=1.25)
     parser.add_argument("--check-tokens", type=int, default=512, help="tokens for the reference check (CUDA)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd layer and dense FFN")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile's mode for --compile (reduce-overhead: CUDA graphs through cudagraph trees)")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph rows (CUDA)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe.json"))
     args = parser.parse_args()
@@ -252,8 +254,8 @@ def main() -> None:
             cases.append((f"SwitchMoE backend={backend}, CUDA graph", layer,
                           fwd(lambda t, graphed=graphed: graphed(x_grad)), graphed_step))
     if args.compile:
-        compiled_dense = torch.compile(dense)
-        compiled_moe = torch.compile(moe, fullgraph=True)
+        compiled_dense = torch.compile(dense, mode=args.compile_mode)
+        compiled_moe = torch.compile(moe, fullgraph=True, mode=args.compile_mode)
         cases.append(("dense FFN, torch.compile", dense, fwd(compiled_dense), fwd_bwd(compiled_dense)))
         cases.append((f"SwitchMoE backend={auto}, torch.compile", moe, fwd(compiled_moe), fwd_bwd_moe(compiled_moe)))
 
@@ -272,7 +274,8 @@ def main() -> None:
 
     print(f"device {report['device']}, torch {report['torch']}, {args.tokens} tokens, dim {args.dim}, "
           f"expert_dim {args.expert_dim}, {args.experts} experts, top_k {args.top_k}, capacity factor "
-          f"{args.capacity_factor}, {args.dtype}; dropped {100 * report['dropped_fraction']:.1f}% of assignments")
+          f"{args.capacity_factor}, {args.dtype}; dropped {100 * report['dropped_fraction']:.1f}% of assignments"
+          + (f"; torch.compile mode {args.compile_mode}" if args.compile else ""))
     if "reference_check" in report:
         for backend, errors in report["reference_check"].items():
             print(f"reference check ({args.check_tokens} tokens, {backend}): "

@@ -91,7 +91,7 @@ def combine_case(a):
                    rel(grad_bias, leaves[2].grad))
 
     def set_tile(block):
-        moe_combine._combine_blocks = lambda interpreting, backward=False: block
+        moe_combine._combine_blocks = lambda interpreting: block
 
     mb = rows.numel() * 2 / 1e6
     return set_tile, [("forward", lambda: moe_combine._moe_combine(*args), 2 * mb),
@@ -120,8 +120,7 @@ def main():
     p.add_argument("--kernels", default=",".join(KERNELS))
     p.add_argument("--out", default="tune_moe_kernels.json")
     a = p.parse_args()
-    tables = {"bias_act": moe_expert_ffn._bias_blocks(False),
-              "combine": (moe_combine._combine_blocks(False), moe_combine._combine_blocks(False, backward=True)),
+    tables = {"bias_act": moe_expert_ffn._bias_blocks(False), "combine": moe_combine._combine_blocks(False),
               "token_grad": moe_routing.TOKEN_GRAD_BLOCKS_CUDA}
     print(f"{device_name('cuda')}, torch {torch.__version__}; current tiles (rows, features, warps) {tables}")
     report = {"device": device_name("cuda"), "config": vars(a), "current": tables, "rows": []}

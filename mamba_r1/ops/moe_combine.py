@@ -16,7 +16,7 @@ from torch import Tensor
 
 from mamba_r1.ops.eager_custom_ops import backward_op, eager_function, run_op
 from mamba_r1.ops.moe_dispatch import DispatchPlan, combine_tokens
-from mamba_r1.ops.moe_expert_ffn import block_experts, reduce_bias_partials, row_expert, store_bias_partials, tile_bias
+from mamba_r1.ops.moe_expert_ffn import block_experts, reduce_bias_partials, row_expert, store_bias_partials
 from mamba_r1.ops.triton_runtime import (
     built_for_interpreter,
     cdiv,
@@ -29,11 +29,9 @@ from mamba_r1.ops.triton_runtime import (
 )
 from mamba_r1.ops.triton_runtime import jit as _jit
 
-# Combine tiles on GPU (tokens or slots, features, warps), forward and backward, from benchmarks/tune_moe_kernels.py
-# on an H200. The backward's program walks the whole feature dimension (the gate's gradient is a dot product over
-# it), BLOCK_D at a time. Interpreter: 4 x 8.
-COMBINE_FWD_BLOCKS_CUDA = (64, 128, 4)
-COMBINE_BWD_BLOCKS_CUDA = (64, 128, 4)
+# Combine tiles on GPU: 64 tokens (or slots) x 128 features per program, 4 warps, from benchmarks/tune_moe_kernels.py
+# on an H200 (the backward's best; every forward tile is within 3%). Interpreter: 4 x 8.
+COMBINE_BLOCK_T_CUDA, COMBINE_BLOCK_D_CUDA, COMBINE_WARPS_CUDA = 64, 128, 4
 COMBINE_BLOCK_T_INTERPRET, COMBINE_BLOCK_D_INTERPRET = 4, 8
 
 
@@ -112,7 +110,7 @@ def _combine_bwd_kernel(
         row = tl.load(rows_ptr + offs_s.to(tl.int64)[:, None] * dim + offs_d[None, :], mask=mask,
                       other=0.0).to(tl.float32)
         if HAS_BIAS:
-            row += tile_bias(bias_ptr, expert, first, last, offs_d, mask_d, mask, dim, BLOCK_S)
+            row += tl.load(bias_ptr + expert[:, None] * dim + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
             row = row.to(rows_ty).to(tl.float32)
         dot += tl.sum(row * grad, axis=1)
         grad_rows = (grad * weight[:, None]).to(grad_rows_ptr.dtype.element_ty)
@@ -122,11 +120,10 @@ def _combine_bwd_kernel(
     tl.store(grad_weights_ptr + assignment, dot, mask=owned)
 
 
-def _combine_blocks(interpreting: bool, backward: bool = False) -> tuple[int, int, int]:
-    """(tokens or slots, features, num_warps) of the forward's or the backward's tile."""
+def _combine_blocks(interpreting: bool) -> tuple[int, int, int]:
     if interpreting:
         return COMBINE_BLOCK_T_INTERPRET, COMBINE_BLOCK_D_INTERPRET, 1
-    return COMBINE_BWD_BLOCKS_CUDA if backward else COMBINE_FWD_BLOCKS_CUDA
+    return COMBINE_BLOCK_T_CUDA, COMBINE_BLOCK_D_CUDA, COMBINE_WARPS_CUDA
 
 
 def _moe_combine(rows: Tensor, weights: Tensor, slot_of: Tensor, token_of_slot: Tensor,
@@ -174,7 +171,7 @@ def _moe_combine_bwd(grad_out: Tensor, rows: Tensor, weights: Tensor, token_of_s
     weights, token_of_slot, assignment_of_slot = (t.contiguous() for t in (weights, token_of_slot,
                                                                           assignment_of_slot))
     slots, dim = rows.shape
-    block_s, block_d, warps = _combine_blocks(interpreting, backward=True)
+    block_s, block_d, warps = _combine_blocks(interpreting)
     n_blocks = cdiv(slots, block_s)
     grad_rows = torch.empty(slots, dim, device=rows.device, dtype=rows_k.dtype)
     # A dropped assignment of the padded layout has no row, hence no writer: start from zeros there.

@@ -96,20 +96,6 @@ def block_experts(first_row, last_row, expert_ptr, capacity, PADDED: tl.constexp
 
 
 @_jit
-def tile_bias(bias_ptr, expert, first, last, offs_w, mask_w, mask, width, BLOCK_R: tl.constexpr):
-    """bias[expert of each row] on a (BLOCK_R, BLOCK_W) tile, float32, the block's rows being those of experts
-    first..last (block_experts): one row of the bias broadcast when they are all one expert's (rows are sorted by
-    expert, so all but a few blocks), a per-element gather otherwise. The gather's address arithmetic was a good
-    part of bias + activation's instructions, and those kernels issue-bound (ncu, RESULTS.md)."""
-    if first == last:
-        row = tl.load(bias_ptr + first * width + offs_w, mask=mask_w, other=0.0).to(tl.float32)
-        b = tl.broadcast_to(row[None, :], (BLOCK_R, row.shape[0]))
-    else:
-        b = tl.load(bias_ptr + expert[:, None] * width + offs_w[None, :], mask=mask, other=0.0).to(tl.float32)
-    return b
-
-
-@_jit
 def store_bias_partials(partial_ptr, block, values, expert, first, last, offs_w, mask_w, width):
     """For each expert e in first..last, the column sums of the block's float32 ``values`` (BLOCK, BLOCK_W) over e's
     rows (``expert``), stored at partial row block + e: the layout reduce_bias_partials sums. Along the sorted rows
@@ -129,18 +115,14 @@ def _bias_act_fwd_kernel(
     ACT: tl.constexpr, PADDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """One program per (block of rows, block of features): out = act(h + bias[expert of the row]), in float32."""
-    pid_r = tl.program_id(0)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     mask_r = offs_r < n_rows
-    mask_w = offs_w < width
-    mask = mask_r[:, None] & mask_w[None, :]
+    mask = mask_r[:, None] & (offs_w < width)[None, :]
     expert = row_expert(offs_r, mask_r, expert_ptr, capacity, PADDED)
-    first, last = block_experts(pid_r * BLOCK_R, tl.minimum(pid_r * BLOCK_R + BLOCK_R, n_rows) - 1, expert_ptr,
-                                capacity, PADDED)
     tile = offs_r.to(tl.int64)[:, None] * width + offs_w[None, :]
     pre = tl.load(h_ptr + tile, mask=mask, other=0.0).to(tl.float32) \
-        + tile_bias(bias_ptr, expert, first, last, offs_w, mask_w, mask, width, BLOCK_R)
+        + tl.load(bias_ptr + expert[:, None] * width + offs_w[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + tile, _act_fwd(pre, ACT).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -163,15 +145,15 @@ def _bias_act_bwd_kernel(
     mask_w = offs_w < width
     mask = mask_r[:, None] & mask_w[None, :]
     expert = row_expert(offs_r, mask_r, expert_ptr, capacity, PADDED)
-    first, last = block_experts(pid_r * BLOCK_R, tl.minimum(pid_r * BLOCK_R + BLOCK_R, n_rows) - 1, expert_ptr,
-                                capacity, PADDED)
     tile = offs_r.to(tl.int64)[:, None] * width + offs_w[None, :]
     grad = tl.load(grad_ptr + tile, mask=mask, other=0.0).to(tl.float32)
     if ACT != 0:
         pre = tl.load(h_ptr + tile, mask=mask, other=0.0).to(tl.float32) \
-            + tile_bias(bias_ptr, expert, first, last, offs_w, mask_w, mask, width, BLOCK_R)
+            + tl.load(bias_ptr + expert[:, None] * width + offs_w[None, :], mask=mask, other=0.0).to(tl.float32)
         grad = grad * _act_grad(pre, ACT)
         tl.store(grad_h_ptr + tile, grad.to(grad_h_ptr.dtype.element_ty), mask=mask)
+    first, last = block_experts(pid_r * BLOCK_R, tl.minimum(pid_r * BLOCK_R + BLOCK_R, n_rows) - 1, expert_ptr,
+                                capacity, PADDED)
     store_bias_partials(partial_ptr, pid_r, grad, expert, first, last, offs_w, mask_w, width)
 
 
