@@ -21,6 +21,7 @@ from mamba_r1.ops.moe_dispatch import (
     resolve_dispatch_backend,
 )
 from mamba_r1.ops.moe_expert_ffn import expert_ffn_fused
+from mamba_r1.ops.moe_layer import fused_layer_applies, switch_moe_fused
 from mamba_r1.ops.moe_routing import route_and_permute
 
 
@@ -166,25 +167,34 @@ class SwitchMoE(nn.Module):
         backend = resolve_dispatch_backend(self.backend, tokens, self.experts.w1, self.experts.w2,
                                            padded_rows=self.num_experts * buffer_capacity,
                                            assignments=tokens.shape[0] * self.top_k)
-        # Router logits (float32), routing, plan and losses (two fused kernels on CUDA with priority="position", the
-        # torch composition elsewhere), and the tokens in the plan's buffer order (slots, dim).
-        routed, rows = route_and_permute(tokens, self.router.weight, self.top_k, capacity, valid, self.priority,
-                                         layout="grouped" if backend == "grouped_mm" else "padded",
-                                         buffer_capacity=buffer_capacity, load_balance_coef=self.load_balance_coef,
-                                         z_loss_coef=self.z_loss_coef, losses=return_aux,
-                                         router_input=self._jittered(tokens))
-        # The experts' output bias is added by combine (one kernel on CUDA, forward and backward).
-        rows = self.experts(rows, routed.plan, output_bias=False)  # (slots, dim)
-        out = combine(rows, routed.weights, routed.plan, bias=self.experts.b2)  # (tokens, dim)
+        layout = "grouped" if backend == "grouped_mm" else "padded"
+        router_input = self._jittered(tokens)
+        ex = self.experts
+        if router_input is None and fused_layer_applies(tokens, self.router.weight, ex.w1, ex.b1, ex.w2, ex.b2,
+                                                        ex.activation, self.priority):
+            # On CUDA: the whole layer as one op (mamba_r1/ops/moe_layer.py), the same kernels as the stages below.
+            out, losses, kept = switch_moe_fused(tokens, self.router.weight, ex.w1, ex.b1, ex.w2, ex.b2, valid,
+                                                 capacity, self.top_k, layout, buffer_capacity, self.load_balance_coef,
+                                                 self.z_loss_coef, ex.activation)  # (tokens, dim)
+        else:
+            # Router logits (float32), routing, plan and losses (two fused kernels on CUDA with priority="position",
+            # the torch composition elsewhere), and the tokens in the plan's buffer order (slots, dim).
+            routed, rows = route_and_permute(tokens, self.router.weight, self.top_k, capacity, valid, self.priority,
+                                             layout=layout, buffer_capacity=buffer_capacity,
+                                             load_balance_coef=self.load_balance_coef, z_loss_coef=self.z_loss_coef,
+                                             losses=return_aux, router_input=router_input)
+            # The experts' output bias is added by combine (one kernel on CUDA, forward and backward).
+            rows = self.experts(rows, routed.plan, output_bias=False)  # (slots, dim)
+            out = combine(rows, routed.weights, routed.plan, bias=ex.b2)  # (tokens, dim)
+            losses, kept = routed.losses, routed.routing.kept
         out = out.view(x.shape)
         if not return_aux:
             return out
-        losses = routed.losses
         return out, MoEAux(
             loss=losses.loss,
             load_balance_loss=losses.load_balance_loss,
             z_loss=losses.z_loss,
-            tokens_per_expert=routed.routing.kept,
+            tokens_per_expert=kept,
             dropped_fraction=losses.dropped_fraction,
         )
 

@@ -518,7 +518,8 @@ moe_route_op = torch.library.custom_op("mamba_r1::moe_route", mutates_args=())(_
 
 
 @moe_route_op.register_fake
-def _(logits, valid, capacity, capacity_tensor, top_k, grouped, buffer_capacity, load_balance_coef, z_loss_coef):
+def _moe_route_fake(logits, valid, capacity, capacity_tensor, top_k, grouped, buffer_capacity, load_balance_coef,
+                    z_loss_coef):
     tokens, num_experts = logits.shape
     slots = _slots(tokens, num_experts, top_k, grouped, buffer_capacity)
 

@@ -1,10 +1,13 @@
 """SwitchMoE on the fused kernels' path (routing, combine, expert FFN; forced onto Triton's interpreter on CPU):
-the layer against the loop reference, the eager autograd.Functions against the custom ops bit for bit, opcheck of
-every op, a fullgraph compile, and the three-node eager backward."""
+the layer against the loop reference, the one-op layer (moe_layer.py) against the staged ops and its eager
+autograd.Function against the custom op bit for bit, opcheck of every op, fullgraph compiles, and the one-node eager
+backward."""
 
 import pytest
 import torch
 
+import mamba_r1.modules.moe as moe_module
+import mamba_r1.ops.moe_layer as moe_layer
 import mamba_r1.ops.moe_routing as moe_routing
 from mamba_r1.modules.moe import SwitchMoE
 from mamba_r1.ops import eager_custom_ops
@@ -12,7 +15,7 @@ from mamba_r1.ops.moe_combine import combine, moe_combine_bwd_op, moe_combine_op
 from mamba_r1.ops.moe_dispatch import switch_moe_ref
 from mamba_r1.ops.moe_expert_ffn import BIAS_ACTIVATIONS, bias_act, moe_bias_act_bwd_op, moe_bias_act_op
 from mamba_r1.ops.moe_routing import moe_route_bwd_op, moe_route_op, route_and_plan
-from tests.conftest import DEVICE, GRAD_TOL, TOL, rel_err
+from tests.conftest import DEVICE, GRAD_TOL, TOL, autograd_node_names, rel_err
 from tests.ops.moe_cases import DTYPES, force_triton
 
 
@@ -102,14 +105,13 @@ def test_kernels_compile_with_fullgraph():
 
 
 def test_eager_path_matches_the_custom_ops(monkeypatch):
-    """Eagerly the kernels' Python bodies run under plain autograd.Functions (no dispatcher); traced, the custom ops
-    with their registered autograd. Both wirings must give the same outputs and gradients, bit for bit, but x's:
-    eagerly one kernel forms it (the permutation's gradient plus grad_logits @ router weight, the latter summed over
-    the experts in its own order), traced a matmul and autograd's add, so it agrees to float32 rounding."""
+    """Eagerly the layer op's Python body runs under a plain autograd.Function (no dispatcher); traced, the custom
+    op with its registered autograd. Both wirings run the same kernels in the same order: outputs and every gradient
+    equal bit for bit, in both layouts."""
     force_triton(monkeypatch)
     op_calls = []
-    route_op = moe_routing.moe_route_op
-    monkeypatch.setattr(moe_routing, "moe_route_op", lambda *args: op_calls.append(1) or route_op(*args))
+    layer_op = moe_layer.moe_layer_op
+    monkeypatch.setattr(moe_layer, "moe_layer_op", lambda *args: op_calls.append(1) or layer_op(*args))
     results = []
     for through_ops in (False, True):
         monkeypatch.setattr(eager_custom_ops, "tracing", lambda: through_ops)
@@ -125,38 +127,129 @@ def test_eager_path_matches_the_custom_ops(monkeypatch):
     assert len(op_calls) == 2  # the traced runs only
     eager, traced = results[:2], results[2:]
     for eager_run, traced_run in zip(eager, traced):
-        for i, (got, want) in enumerate(zip(eager_run, traced_run)):
-            if i == 2:  # x.grad
-                assert rel_err(got, want) <= 1e-6
-            else:
-                assert torch.equal(got, want)
+        for got, want in zip(eager_run, traced_run):
+            assert torch.equal(got, want)
 
 
-def _node_names(root) -> set:
-    names, stack, seen = set(), [root.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            names.add(node.name())
-            stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
+def _layer_case(backend, dtype=torch.float32, top_k=2, masked=True, activation="gelu"):
+    torch.manual_seed(0)
+    moe = SwitchMoE(16, num_experts=5, expert_dim=24, capacity_factor=0.8, min_capacity=1, top_k=top_k,
+                    activation=activation, backend=backend, device=DEVICE, dtype=dtype)
+    x = torch.randn(2, 19, 16, device=DEVICE).to(dtype).requires_grad_()
+    mask = torch.rand(2, 19, device=DEVICE) > 0.25 if masked else None
+    return moe, x, mask
 
 
 @pytest.mark.parametrize("backend", ["grouped_mm", "bmm"])
-def test_layer_backward_is_three_nodes_eagerly(monkeypatch, backend):
-    """On the kernels' path the layer's backward runs router + routing + permutation, the expert FFN and the combine
-    as one autograd node each (the host pays per node); the composition's nodes are gone. Jitter on the router's
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+@pytest.mark.parametrize("masked", [True, False])
+def test_layer_op_matches_the_staged_path(monkeypatch, backend, activation, masked):
+    """The one-op layer against the three staged ops it replaces (route_and_permute -> expert_ffn_fused -> combine,
+    what SwitchMoE runs when fused_layer_applies says no): the same kernels in the same order, so the output, the
+    auxiliary report and every gradient are equal bit for bit."""
+    force_triton(monkeypatch)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(moe_module, "fused_layer_applies", lambda *args, **kwargs: False)
+        moe, x, mask = _layer_case(backend, masked=masked, activation=activation)
+        out, aux = moe(x, mask=mask, return_aux=True)
+        assert ("_MoELayerEagerBackward" in autograd_node_names(out)) == fused
+        torch.autograd.backward([out, aux.loss], [torch.randn_like(out), None])
+        results.append([out.detach(), aux.loss.detach(), aux.load_balance_loss.detach(), aux.z_loss.detach(),
+                        aux.tokens_per_expert, aux.dropped_fraction, x.grad] + [p.grad for p in moe.parameters()])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+def test_layer_op_with_only_the_auxiliary_loss_backpropagating(monkeypatch):
+    """With only aux.loss differentiated the layer op's backward skips the combine and experts (their weights get
+    zero gradients) and the router's and x's gradients are those of the staged path."""
+    force_triton(monkeypatch)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(moe_module, "fused_layer_applies", lambda *args, **kwargs: False)
+        moe, x, mask = _layer_case("grouped_mm")
+        _, aux = moe(x, mask=mask, return_aux=True)
+        aux.loss.backward()
+        results.append((x.grad, moe.router.weight.grad, moe.experts.w1.grad))
+    (x_fused, router_fused, w1_fused), (x_staged, router_staged, w1_staged) = results
+    assert torch.equal(x_fused, x_staged) and torch.equal(router_fused, router_staged)
+    assert w1_staged is None and torch.count_nonzero(w1_fused) == 0
+    assert torch.count_nonzero(router_fused) > 0
+
+
+def test_layer_op_falls_back_to_the_stages(monkeypatch):
+    """Mixed dtypes, autocast, jitter on the router's input or swiglu experts: the staged path (the layer op's fake
+    states its outputs' dtypes, the jittered router reads another tensor than the tokens, and swiglu has no fused
+    bias kernel)."""
+    force_triton(monkeypatch)
+    moe, x, _ = _layer_case("grouped_mm")
+    assert "_MoELayerEagerBackward" in autograd_node_names(moe(x))
+    with torch.autocast(device_type=torch.device(DEVICE).type, dtype=torch.bfloat16):
+        assert "_MoELayerEagerBackward" not in autograd_node_names(moe(x))
+    moe.router.to(torch.float64)
+    assert "_MoELayerEagerBackward" not in autograd_node_names(moe(x))
+    jittered = SwitchMoE(16, num_experts=5, expert_dim=24, jitter_noise=0.1, device=DEVICE).train()
+    assert "_MoELayerEagerBackward" not in autograd_node_names(jittered(x))
+    swiglu = SwitchMoE(16, num_experts=5, expert_dim=24, activation="swiglu", device=DEVICE)
+    assert "_MoELayerEagerBackward" not in autograd_node_names(swiglu(x))
+
+
+def test_layer_ops_pass_opcheck():
+    torch.manual_seed(0)
+    torch.set_default_device(DEVICE)
+    try:
+        x, router = torch.randn(11, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+        w1, b1 = torch.randn(4, 8, 12, requires_grad=True), torch.randn(4, 12, requires_grad=True)
+        w2, b2 = torch.randn(4, 12, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+        valid = torch.rand(11) > 0.3
+        # grouped top-2 with a mask and an int capacity; padded top-1 with the capacity in a tensor (6 rows each).
+        for args in ((valid, 3, None, 2, True, 0), (None, -1, torch.tensor(2), 1, False, 6)):
+            for activation in ("gelu", "none"):
+                inputs = (x, router, w1, b1, w2, b2, *args, 0.1, 0.01, activation)
+                torch.library.opcheck(moe_layer.moe_layer_op, inputs)
+                outputs = moe_layer.moe_layer_op(*[t.detach() if isinstance(t, torch.Tensor) else t for t in inputs])
+                saved = [t.detach() for t in (x, router, w1, b1, w2, b2)]
+                torch.library.opcheck(moe_layer.moe_layer_bwd_op, (
+                    torch.randn(11, 8), torch.randn(()), None, *saved, args[0], *outputs[4:], args[4], args[5],
+                    0.1, 0.01, activation))
+    finally:
+        torch.set_default_device(None)
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "bmm"])
+def test_layer_compiles_with_fullgraph(monkeypatch, backend):
+    """torch.compile(fullgraph=True) traces SwitchMoE as the layer op and its backward op (aot_eager: the ops' own
+    bodies run): the same output and gradients as eagerly, bit for bit."""
+    force_triton(monkeypatch)
+    results = []
+    for compiled in (False, True):
+        moe, x, mask = _layer_case(backend)
+        run = torch.compile(moe, fullgraph=True, backend="aot_eager") if compiled else moe
+        out, aux = run(x, mask=mask, return_aux=True)
+        torch.autograd.backward([out, aux.loss], [torch.ones_like(out), None])
+        results.append([out.detach(), aux.loss.detach(), x.grad] + [p.grad for p in moe.parameters()])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "bmm"])
+def test_layer_backward_is_one_node_eagerly(monkeypatch, backend):
+    """On the kernels' path the layer's backward is one autograd node (the layer op's: combine, experts, routing and
+    x's gradient in one body); neither the staged nodes nor the composition's are left. Jitter on the router's
     input takes the composition (the router no longer reads the tokens themselves)."""
     force_triton(monkeypatch, routing=False)
     torch.manual_seed(0)
     moe = SwitchMoE(16, num_experts=4, expert_dim=24, top_k=2, backend=backend, device=DEVICE)
     x = torch.randn(2, 9, 16, device=DEVICE, requires_grad=True)
     out, aux = moe(x, return_aux=True)
-    names = _node_names(out) | _node_names(aux.loss)
-    assert {"_RouteAndPermuteEagerBackward", "_ExpertFFNEagerBackward", "_CombineEagerBackward"} <= names
-    assert not names & {"_Float32LogitsBackward", "_PermuteTokensBackward", "_RouteEagerBackward",
+    names = autograd_node_names(out) | autograd_node_names(aux.loss)
+    assert "_MoELayerEagerBackward" in names
+    assert not names & {"_RouteAndPermuteEagerBackward", "_ExpertFFNEagerBackward", "_CombineEagerBackward",
+                        "_Float32LogitsBackward", "_PermuteTokensBackward", "_RouteEagerBackward",
                         "_BiasActEagerBackward", "_GroupedMatmulBackward", "BmmBackward0"}
     jittered = SwitchMoE(16, num_experts=4, expert_dim=24, jitter_noise=0.1, backend=backend, device=DEVICE).train()
-    names = _node_names(jittered(x))
+    names = autograd_node_names(jittered(x))
     assert "_RouteAndPermuteEagerBackward" not in names and "_RouteEagerBackward" in names
