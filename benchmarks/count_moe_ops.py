@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from mamba_r1.modules.mlp import MLP  # noqa: E402
 from mamba_r1.modules.moe import SwitchMoE  # noqa: E402
 
-STAGES = ("routing", "aux losses", "plan", "permute", "experts", "combine", "glue", "accumulate grad")
+STAGES = ("routing", "aux losses", "plan", "permute", "experts", "combine", "layer op", "glue", "accumulate grad")
 # (module or class, attribute, stage): the functions SwitchMoE.forward calls, and the ones those call (an inner
 # stage takes its own ops; the outer one keeps the rest). Attributes missing from this version of the layer are
 # skipped, so the script counts older and newer layouts alike. route_and_plan (routing + plan + losses) counts as
@@ -67,6 +67,8 @@ STAGE_FUNCTIONS = (
     ("mamba_r1.modules.moe:SwitchExperts", "forward", "experts"),
     ("mamba_r1.modules.moe", "combine_tokens", "combine"),
     ("mamba_r1.modules.moe", "combine", "combine"),
+    # On the kernels' path the whole layer is one op (ops/moe_layer.py): its ops and its one node.
+    ("mamba_r1.modules.moe", "switch_moe_fused", "layer op"),
 )
 VIEW_OPS = {"detach", "alias", "lift_fresh", "_unsafe_view", "sym_size", "sym_stride", "sym_numel",
             "_local_scalar_dense"}
