@@ -23,9 +23,9 @@ confidence) has no kernel: it takes the torch path, as does an empty batch.
 eagerly (x's two gradients formed by one more kernel, ``_token_grad_kernel``). The layer's other kernels: combine
 (moe_combine.py), bias + activation and the expert FFN (moe_expert_ffn.py). Every kernel is a torch custom op with a
 fake and registered autograd (torch.compile, export, opcheck); eagerly the public functions run the same Python
-bodies under plain autograd.Functions (eager_custom_ops.py). Eagerly SwitchMoE's backward is three autograd nodes,
-route_and_permute's, expert_ffn_fused's and combine's, because each costs the autograd engine's device thread host
-time and the layer is host-bound there. Under torch.compile they are the compositions of the custom ops.
+bodies under plain autograd.Functions (eager_custom_ops.py). Staged, SwitchMoE's backward is three autograd nodes,
+route_and_permute's, expert_ffn_fused's and combine's (under torch.compile the compositions of the custom ops); on
+the kernels' path SwitchMoE runs them all as one op instead (moe_layer.py), the same bodies in the same order.
 """
 
 from __future__ import annotations
