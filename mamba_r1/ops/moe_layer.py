@@ -38,7 +38,6 @@ from mamba_r1.ops.moe_routing import (
     _token_grad,
 )
 
-
 # moe_layer_op's nineteen outputs (custom ops need each one spelled out in the return annotation).
 LayerOutputs = tuple[(Tensor,) * 19]
 

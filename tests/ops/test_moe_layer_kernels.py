@@ -8,7 +8,6 @@ import torch
 
 import mamba_r1.modules.moe as moe_module
 import mamba_r1.ops.moe_layer as moe_layer
-import mamba_r1.ops.moe_routing as moe_routing
 from mamba_r1.modules.moe import SwitchMoE
 from mamba_r1.ops import eager_custom_ops
 from mamba_r1.ops.moe_combine import combine, moe_combine_bwd_op, moe_combine_op
