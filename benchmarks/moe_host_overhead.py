@@ -1,5 +1,6 @@
 """The host side of a SwitchMoE training step on the CPU: its Python and dispatch cost with the Triton kernels stubbed
-out, through the eager path (plain autograd.Functions) and through the custom ops (what torch.compile traces).
+out, through the eager path (plain autograd.Functions), through the custom ops (what torch.compile traces) and
+under torch.compile itself (aot_eager).
 
     TRITON_INTERPRET=1 OMP_NUM_THREADS=1 python benchmarks/moe_host_overhead.py
 
@@ -40,8 +41,20 @@ def stub_kernels() -> None:
         module._interpreting = lambda: True
         module.resolve_backend = lambda op, backend, device: "triton"
     moe_routing.resolve_routing_backend = lambda backend, logits, priority: "triton"
-    zeros = torch.zeros
-    torch.empty = lambda *args, **kwargs: zeros(*args, **kwargs)
+    empty, zeros = torch.empty, torch.zeros
+    inside = [False]
+
+    def empty_as_zeros(*args, **kwargs):
+        # Under torch.compile's fake tensors zeros decomposes into torch.empty: that inner call gets the real one.
+        if inside[0]:
+            return empty(*args, **kwargs)
+        inside[0] = True
+        try:
+            return zeros(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    torch.empty = empty_as_zeros
 
 
 def backward_nodes_us(step_outputs, runs: int = 50) -> dict[str, float]:
@@ -92,13 +105,28 @@ def main() -> None:
             return [out, aux.loss], [grad, None]
 
         for path in ("custom ops", "eager Functions"):
-            # "custom ops": the compositions of the custom ops, every call through the dispatcher, as torch.compile
-            # traces them (and as the layer ran eagerly before its eager path). "eager Functions": the layer's eager
-            # path, the ops' bodies under plain autograd.Functions, three of them fused nodes.
+            # "custom ops": the layer op (or the staged custom ops) called through the dispatcher with their
+            # registered autograd, as torch.compile's graph calls them. "eager Functions": the layer's eager path,
+            # the ops' bodies under a plain autograd.Function.
             ops = path == "custom ops"
             eager_custom_ops.tracing = (lambda: True) if ops else tracing
             print(f"| {backend} | {path} | {best_host_us(forward):.0f} | {best_host_us(step):.0f} |", flush=True)
             nodes[(backend, path)] = backward_nodes_us(step_outputs)
+        eager_custom_ops.tracing = tracing
+        # torch.compile(fullgraph) with aot_eager: dynamo's guards and AOT autograd's runtime wrappers around the same
+        # custom ops, without inductor's code generation (which needs a compiler for the CPU glue).
+        compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+
+        def compiled_forward():
+            with torch.no_grad():
+                compiled(x, return_aux=True)
+
+        def compiled_step():
+            out, aux = compiled(x, return_aux=True)
+            torch.autograd.backward([out, aux.loss], [grad, None])
+
+        print(f"| {backend} | torch.compile (aot_eager) | {best_host_us(compiled_forward):.0f} | "
+              f"{best_host_us(compiled_step):.0f} |", flush=True)
     eager_custom_ops.tracing = tracing
     print("\nbackward, median host µs per autograd node")
     for (backend, path), times in nodes.items():

@@ -130,9 +130,9 @@ def test_eager_path_matches_the_custom_ops(monkeypatch):
             assert torch.equal(got, want)
 
 
-def _layer_case(backend, dtype=torch.float32, top_k=2, masked=True, activation="gelu"):
+def _layer_case(backend, dtype=torch.float32, top_k=2, masked=True, activation="gelu", capacity_factor=0.8):
     torch.manual_seed(0)
-    moe = SwitchMoE(16, num_experts=5, expert_dim=24, capacity_factor=0.8, min_capacity=1, top_k=top_k,
+    moe = SwitchMoE(16, num_experts=5, expert_dim=24, capacity_factor=capacity_factor, min_capacity=1, top_k=top_k,
                     activation=activation, backend=backend, device=DEVICE, dtype=dtype)
     x = torch.randn(2, 19, 16, device=DEVICE).to(dtype).requires_grad_()
     mask = torch.rand(2, 19, device=DEVICE) > 0.25 if masked else None
@@ -142,16 +142,17 @@ def _layer_case(backend, dtype=torch.float32, top_k=2, masked=True, activation="
 @pytest.mark.parametrize("backend", ["grouped_mm", "bmm"])
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
 @pytest.mark.parametrize("masked", [True, False])
-def test_layer_op_matches_the_staged_path(monkeypatch, backend, activation, masked):
+@pytest.mark.parametrize("capacity_factor", [0.8, None])
+def test_layer_op_matches_the_staged_path(monkeypatch, backend, activation, masked, capacity_factor):
     """The one-op layer against the three staged ops it replaces (route_and_permute -> expert_ffn_fused -> combine,
     what SwitchMoE runs when fused_layer_applies says no): the same kernels in the same order, so the output, the
-    auxiliary report and every gradient are equal bit for bit."""
+    auxiliary report and every gradient are equal bit for bit; with dropping and without (capacity_factor None)."""
     force_triton(monkeypatch)
     results = []
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(moe_module, "fused_layer_applies", lambda *args, **kwargs: False)
-        moe, x, mask = _layer_case(backend, masked=masked, activation=activation)
+        moe, x, mask = _layer_case(backend, masked=masked, activation=activation, capacity_factor=capacity_factor)
         out, aux = moe(x, mask=mask, return_aux=True)
         assert ("_MoELayerEagerBackward" in autograd_node_names(out)) == fused
         torch.autograd.backward([out, aux.loss], [torch.randn_like(out), None])
