@@ -92,13 +92,18 @@ def main() -> None:
         x = torch.randn(256, 64, requires_grad=True)
         grad = torch.randn(256, 64)
 
-        def forward():
-            with torch.no_grad():
-                moe(x, return_aux=True)
+        def steps(layer):
+            """(forward under no_grad, forward + backward) of `layer`: the module or its compiled form."""
+            def forward():
+                with torch.no_grad():
+                    layer(x, return_aux=True)
 
-        def step():
-            out, aux = moe(x, return_aux=True)
-            torch.autograd.backward([out, aux.loss], [grad, None])
+            def step():
+                out, aux = layer(x, return_aux=True)
+                torch.autograd.backward([out, aux.loss], [grad, None])
+            return forward, step
+
+        forward, step = steps(moe)
 
         def step_outputs():
             out, aux = moe(x, return_aux=True)
@@ -115,16 +120,7 @@ def main() -> None:
         eager_custom_ops.tracing = tracing
         # torch.compile(fullgraph) with aot_eager: dynamo's guards and AOT autograd's runtime wrappers around the same
         # custom ops, without inductor's code generation (which needs a compiler for the CPU glue).
-        compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
-
-        def compiled_forward():
-            with torch.no_grad():
-                compiled(x, return_aux=True)
-
-        def compiled_step():
-            out, aux = compiled(x, return_aux=True)
-            torch.autograd.backward([out, aux.loss], [grad, None])
-
+        compiled_forward, compiled_step = steps(torch.compile(moe, fullgraph=True, backend="aot_eager"))
         print(f"| {backend} | torch.compile (aot_eager) | {best_host_us(compiled_forward):.0f} | "
               f"{best_host_us(compiled_step):.0f} |", flush=True)
     eager_custom_ops.tracing = tracing

@@ -120,7 +120,9 @@ class SwitchMoE(nn.Module):
     computed from all tokens (padding included), or every token when capacity_factor is None (num_experts / top_k
     times the dense work); ``"auto"`` picks grouped_mm on Hopper GPUs in bf16 unless the padded buffer holds no more
     rows than the assignments (capacity_factor <= 1), and bmm everywhere else. On CUDA both run the bias adds and
-    the activation in fused kernels. A training step never syncs with the host and sizes its buffers from shapes,
+    the activation in fused kernels, and the whole layer (router to combine) is one op with one backward
+    (mamba_r1/ops/moe_layer.py; not with jitter, swiglu, mixed dtypes or autocast, which take the same kernels
+    stage by stage). A training step never syncs with the host and sizes its buffers from shapes,
     so it can be captured whole in a CUDA graph (``torch.cuda.make_graphed_callables``; tested for grouped_mm and,
     at small sizes, bmm), which removes the per-launch host overhead that bounds it eagerly on slow hosts.
     """
