@@ -250,12 +250,17 @@ def combine(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, backe
             rows = rows + bias[_row_experts(plan, rows.shape[0], rows.device)].to(rows.dtype)
         return combine_tokens(rows, weights, plan)
     # The torch plans may hand over transposed (tokens, top_k) tensors; the kernels read them contiguous.
-    grouped = plan.capacity is None
-    expert_of_slot = plan.expert_of_slot if bias is not None and grouped else None
-    group_ends = plan.group_ends if bias is not None and grouped else None
     return run_op(moe_combine_op, _CombineEager, rows, weights.contiguous(), plan.slot_of.contiguous(),
-                plan.token_of_slot, plan.assignment_of_slot, plan.owns_slot is None, bias, expert_of_slot,
-                group_ends, 0 if grouped else plan.capacity)
+                  plan.token_of_slot, plan.assignment_of_slot, plan.owns_slot is None, bias,
+                  *combine_bias_layout(plan, bias is not None))
+
+
+def combine_bias_layout(plan: DispatchPlan, has_bias: bool) -> tuple[Tensor | None, Tensor | None, int]:
+    """(expert_of_slot, group_ends, capacity), the combine kernels' arguments that locate each row's expert for the
+    output bias: the grouped plan's index tensors (capacity 0; None without a bias), or the padded plan's capacity."""
+    if plan.capacity is None:
+        return (plan.expert_of_slot, plan.group_ends, 0) if has_bias else (None, None, 0)
+    return None, None, plan.capacity
 
 
 def _interpreting() -> bool:
@@ -263,4 +268,4 @@ def _interpreting() -> bool:
     return built_for_interpreter(_combine_fwd_kernel)
 
 
-__all__ = ["combine", "moe_combine_bwd_op", "moe_combine_op"]
+__all__ = ["combine", "combine_bias_layout", "moe_combine_bwd_op", "moe_combine_op"]

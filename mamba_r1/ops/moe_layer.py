@@ -18,8 +18,8 @@ from torch import Tensor
 
 from mamba_r1.ops import moe_combine, moe_expert_ffn, moe_routing
 from mamba_r1.ops.eager_custom_ops import backward_op, eager_function, run_op
-from mamba_r1.ops.moe_combine import _moe_combine, _moe_combine_bwd
-from mamba_r1.ops.moe_dispatch import DispatchPlan, half_input_logits, logits_backward, logits_forward
+from mamba_r1.ops.moe_combine import _moe_combine, _moe_combine_bwd, combine_bias_layout
+from mamba_r1.ops.moe_dispatch import half_input_logits, logits_backward, logits_forward
 from mamba_r1.ops.moe_expert_ffn import (
     BIAS_ACTIVATIONS,
     _bias_layout,
@@ -34,8 +34,8 @@ from mamba_r1.ops.moe_routing import (
     _moe_route,
     _moe_route_bwd,
     _moe_route_fake,
-    _routed_tokens,
     _token_grad,
+    dispatch_plan,
 )
 
 # moe_layer_op's nineteen outputs (custom ops need each one spelled out in the return annotation).
@@ -43,7 +43,7 @@ LayerOutputs = tuple[(Tensor,) * 19]
 
 
 def fused_layer_applies(x: Tensor, router_weight: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-                        b2: Optional[Tensor], activation: str, priority: str, backend: str = "auto") -> bool:
+                        b2: Optional[Tensor], activation: str, priority: str) -> bool:
     """Whether SwitchMoE can run as moe_layer_op: every stage on its kernels (routing with priority="position",
     bias + activation with an activation of BIAS_ACTIVATIONS and biases, the combine), one dtype for the tokens and
     every weight, and no autocast (the op's fake states its outputs' dtypes; autocast would change its matmuls')."""
@@ -53,25 +53,9 @@ def fused_layer_applies(x: Tensor, router_weight: Tensor, w1: Tensor, b1: Option
         return False
     if torch.is_autocast_enabled(x.device.type):
         return False
-    return (moe_routing._routing_backend(backend, x.device, x.shape[0], priority) == "triton"
-            and moe_expert_ffn.resolve_backend("expert_ffn", backend, x.device) == "triton"
-            and moe_combine.resolve_backend("combine_tokens", backend, x.device) == "triton")
-
-
-def _plan(slot_of, keep, token_of_slot, assignment_of_slot, expert_of_slot, group_ends, grouped: bool,
-          buffer_capacity: int) -> DispatchPlan:
-    """The DispatchPlan of the route op's outputs (as _routed_tokens builds it)."""
-    return DispatchPlan(slot_of=slot_of, owns_slot=None if grouped else keep, token_of_slot=token_of_slot,
-                        assignment_of_slot=assignment_of_slot, group_ends=group_ends if grouped else None,
-                        expert_of_slot=expert_of_slot if grouped else None,
-                        capacity=None if grouped else buffer_capacity)
-
-
-def _combine_layout(plan: DispatchPlan, grouped: bool, buffer_capacity: int):
-    """(expert_of_slot, group_ends, capacity) as the combine kernels take them with the output bias."""
-    if grouped:
-        return plan.expert_of_slot, plan.group_ends, 0
-    return None, None, buffer_capacity
+    return (moe_routing._routing_backend("auto", x.device, x.shape[0], priority) == "triton"
+            and moe_expert_ffn.resolve_backend("expert_ffn", "auto", x.device) == "triton"
+            and moe_combine.resolve_backend("combine_tokens", "auto", x.device) == "triton")
 
 
 def _moe_layer(
@@ -101,14 +85,15 @@ def _moe_layer(
                        z_loss_coef)
     probs, expert_idx, _, _, keep, weights, counts, slot_of, token_of_slot, assignment_of_slot, expert_of_slot, \
         group_ends, loss, aux, lse, grad_scale = route
-    plan = _routed_tokens(route, grouped, buffer_capacity).plan
+    plan = dispatch_plan(slot_of, keep, token_of_slot, assignment_of_slot, expert_of_slot, group_ends, grouped,
+                         buffer_capacity)
     rows = x.index_select(0, token_of_slot)  # (slots, dim)
     bias_experts, bias_ends, bias_capacity = _bias_layout(plan, b1)
     h = _ffn_matmul(rows, w1, plan)  # (slots, width) before the bias
     hidden = _moe_bias_act(h, b1, bias_experts, bias_ends, activation, bias_capacity)  # (slots, width)
     y = _ffn_matmul(hidden, w2, plan)  # (slots, dim), no output bias: the combine adds it
     out = _moe_combine(y, weights, slot_of, token_of_slot, assignment_of_slot, grouped, b2,
-                       *_combine_layout(plan, grouped, buffer_capacity))  # (tokens, dim)
+                       *combine_bias_layout(plan, True))  # (tokens, dim)
     return (out, loss, aux, counts, probs, lse, expert_idx, keep, grad_scale, weights, slot_of, token_of_slot,
             assignment_of_slot, expert_of_slot, group_ends, rows, h if activation != "none" else h.new_empty(0),
             hidden, y)
@@ -142,34 +127,42 @@ def _moe_layer_bwd(
     slot_of: Tensor, token_of_slot: Tensor, assignment_of_slot: Tensor, expert_of_slot: Tensor, group_ends: Tensor,
     rows: Tensor, h: Tensor, hidden: Tensor, y: Tensor,
     grouped: bool, buffer_capacity: int, load_balance_coef: float, z_loss_coef: float, activation: str,
+    need_x: bool, need_router: bool, need_w1: bool, need_b1: bool, need_w2: bool, need_b2: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> gradients of x, router_weight, w1, b1, w2, b2, each like its input: the combine's backward, the experts'
-    (two matmul backwards around bias + activation's), the routing's, then x's from the rows' and the logits'
-    gradients in one kernel, as the three-node composition computes them."""
-    plan = _plan(slot_of, keep, token_of_slot, assignment_of_slot, expert_of_slot, group_ends, grouped,
-                 buffer_capacity)
-    grad_weights = grad_rows = None
+    """-> gradients of x, router_weight, w1, b1, w2, b2, each like its input, an empty tensor where its need_* is
+    False: the combine's backward, the experts' (two matmul backwards around bias + activation's), the routing's,
+    then x's from the rows' and the logits' gradients in one kernel, as the three-node composition computes them,
+    skipping what no needed gradient depends on (frozen experts cost no weight-gradient matmuls). With only the
+    auxiliary losses backpropagating, the experts' needed gradients are zeros."""
+    plan = dispatch_plan(slot_of, keep, token_of_slot, assignment_of_slot, expert_of_slot, group_ends, grouped,
+                         buffer_capacity)
+    need_hidden = need_x or need_w1 or need_b1
+    grad_weights = grad_rows = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
     if grad_out is not None:
         grad_y, grad_weights, grad_b2 = _moe_combine_bwd(grad_out, y, weights, token_of_slot, assignment_of_slot,
-                                                         grouped, b2, *_combine_layout(plan, grouped, buffer_capacity))
-        grad_hidden, grad_w2 = _ffn_matmul_backward(hidden, w2, grad_y, plan, True, True)
-        bias_experts, bias_ends, bias_capacity = _bias_layout(plan, b1)
-        grad_h, grad_b1 = _moe_bias_act_bwd(grad_hidden, h if activation != "none" else grad_hidden, b1,
-                                            bias_experts, bias_ends, activation, bias_capacity)
-        if activation == "none":
-            grad_h = grad_hidden
-        grad_rows, grad_w1 = _ffn_matmul_backward(rows, w1, grad_h, plan, True, True)
-    else:  # only the auxiliary losses backpropagate: the experts get zero gradients
-        grad_w1, grad_b1, grad_w2, grad_b2 = (torch.zeros_like(t) for t in (w1, b1, w2, b2))
-    half = half_input_logits(x, router_weight)
-    grad_logits = _moe_route_bwd(probs, lse, expert_idx, keep, valid, grad_scale, None, None, grad_weights,
-                                 grad_loss, grad_aux, load_balance_coef, z_loss_coef)  # (tokens, num_experts)
-    _, grad_router = logits_backward(grad_logits, x, router_weight, half, False, True)
-    if grad_rows is not None:
-        grad_x = _token_grad(grad_rows, slot_of, plan.owns_slot, grad_logits, router_weight, x.dtype, half)
-    else:
-        grad_x, _ = logits_backward(grad_logits, x, router_weight, half, True, False)
-    return grad_x, grad_router, grad_w1, grad_b1, grad_w2, grad_b2
+                                                         grouped, b2, *combine_bias_layout(plan, True))
+        grad_hidden, grad_w2 = _ffn_matmul_backward(hidden, w2, grad_y, plan, need_hidden, need_w2)
+        if need_hidden:
+            bias_experts, bias_ends, bias_capacity = _bias_layout(plan, b1)
+            grad_h, grad_b1 = _moe_bias_act_bwd(grad_hidden, h if activation != "none" else grad_hidden, b1,
+                                                bias_experts, bias_ends, activation, bias_capacity)
+            if activation == "none":
+                grad_h = grad_hidden
+            grad_rows, grad_w1 = _ffn_matmul_backward(rows, w1, grad_h, plan, need_x, need_w1)
+    grad_x = grad_router = None
+    if need_x or need_router:
+        half = half_input_logits(x, router_weight)
+        grad_logits = _moe_route_bwd(probs, lse, expert_idx, keep, valid, grad_scale, None, None, grad_weights,
+                                     grad_loss, grad_aux, load_balance_coef, z_loss_coef)  # (tokens, num_experts)
+        _, grad_router = logits_backward(grad_logits, x, router_weight, half, False, need_router)
+        if need_x and grad_rows is not None:
+            grad_x = _token_grad(grad_rows, slot_of, plan.owns_slot, grad_logits, router_weight, x.dtype, half)
+        elif need_x:
+            grad_x, _ = logits_backward(grad_logits, x, router_weight, half, True, False)
+    grads = (grad_x, grad_router, grad_w1, grad_b1, grad_w2, grad_b2)
+    needs = (need_x, need_router, need_w1, need_b1, need_w2, need_b2)
+    return tuple((g if g is not None else torch.zeros_like(t)) if need else t.new_empty(0)
+                 for g, need, t in zip(grads, needs, (x, router_weight, w1, b1, w2, b2)))
 
 
 moe_layer_bwd_op = torch.library.custom_op("mamba_r1::moe_layer_bwd", mutates_args=())(_moe_layer_bwd)
@@ -178,8 +171,9 @@ moe_layer_bwd_op = torch.library.custom_op("mamba_r1::moe_layer_bwd", mutates_ar
 @moe_layer_bwd_op.register_fake
 def _(grad_out, grad_loss, grad_aux, x, router_weight, w1, b1, w2, b2, valid, probs, lse, expert_idx, keep,
       grad_scale, weights, slot_of, token_of_slot, assignment_of_slot, expert_of_slot, group_ends, rows, h, hidden, y,
-      grouped, buffer_capacity, load_balance_coef, z_loss_coef, activation):
-    return tuple(torch.empty_like(t) for t in (x, router_weight, w1, b1, w2, b2))
+      grouped, buffer_capacity, load_balance_coef, z_loss_coef, activation, *needs):
+    return tuple(torch.empty_like(t) if need else t.new_empty(0)
+                 for need, t in zip(needs, (x, router_weight, w1, b1, w2, b2)))
 
 
 def _layer_setup_context(ctx, inputs, output):
@@ -191,9 +185,10 @@ def _layer_setup_context(ctx, inputs, output):
 
 
 def _layer_backward(ctx, grad_out, grad_loss, grad_aux, *_):
+    needs = tuple(ctx.needs_input_grad[:6])  # x, router_weight, w1, b1, w2, b2
     grads = backward_op(ctx, moe_layer_bwd_op, _moe_layer_bwd)(grad_out, grad_loss, grad_aux, *ctx.saved_tensors,
-                                                                *ctx.config)
-    return (*grads, None, None, None, None, None, None, None, None, None)
+                                                                *ctx.config, *needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 9)
 
 
 moe_layer_op.register_autograd(_layer_backward, setup_context=_layer_setup_context)

@@ -651,12 +651,11 @@ def _capacity_args(capacity) -> tuple[int, Tensor | None]:
     return (-1 if capacity is None else int(capacity)), None
 
 
-def _routed_tokens(outputs, grouped: bool, buffer_capacity: int) -> RoutedTokens:
-    """RoutedTokens from the route op's outputs (see _moe_route)."""
-    (probs, expert_idx, gates, rank, keep, weights, counts, slot_of, token_of_slot, assignment_of_slot,
-     expert_of_slot, group_ends, loss, aux, _, _) = outputs
-    routing = Routing(probs, expert_idx, gates, rank, keep, counts[0], counts[1])
-    plan = DispatchPlan(
+def dispatch_plan(slot_of: Tensor, keep: Tensor, token_of_slot: Tensor, assignment_of_slot: Tensor,
+                  expert_of_slot: Tensor, group_ends: Tensor, grouped: bool, buffer_capacity: int) -> DispatchPlan:
+    """The DispatchPlan of the route op's outputs (see _moe_route): the grouped layout's index tensors, or the
+    padded one's capacity and ownership mask."""
+    return DispatchPlan(
         slot_of=slot_of,
         owns_slot=None if grouped else keep,
         token_of_slot=token_of_slot,
@@ -665,6 +664,15 @@ def _routed_tokens(outputs, grouped: bool, buffer_capacity: int) -> RoutedTokens
         expert_of_slot=expert_of_slot if grouped else None,
         capacity=None if grouped else buffer_capacity,
     )
+
+
+def _routed_tokens(outputs, grouped: bool, buffer_capacity: int) -> RoutedTokens:
+    """RoutedTokens from the route op's outputs (see _moe_route)."""
+    (probs, expert_idx, gates, rank, keep, weights, counts, slot_of, token_of_slot, assignment_of_slot,
+     expert_of_slot, group_ends, loss, aux, _, _) = outputs
+    routing = Routing(probs, expert_idx, gates, rank, keep, counts[0], counts[1])
+    plan = dispatch_plan(slot_of, keep, token_of_slot, assignment_of_slot, expert_of_slot, group_ends, grouped,
+                         buffer_capacity)
     return RoutedTokens(routing, plan, weights, RouterLosses(loss, aux[0], aux[1], aux[2]))
 
 
@@ -815,5 +823,5 @@ def route_and_permute(
     return _routed_tokens(outputs, grouped, buffer_capacity), rows
 
 
-__all__ = ["LAYOUTS", "RoutedTokens", "RouterLosses", "moe_route_bwd_op", "moe_route_op", "resolve_routing_backend",
-           "route_and_permute", "route_and_plan", "route_and_plan_ref", "router_losses_ref"]
+__all__ = ["LAYOUTS", "RoutedTokens", "RouterLosses", "dispatch_plan", "moe_route_bwd_op", "moe_route_op",
+           "resolve_routing_backend", "route_and_permute", "route_and_plan", "route_and_plan_ref", "router_losses_ref"]

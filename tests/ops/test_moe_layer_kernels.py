@@ -180,6 +180,43 @@ def test_layer_op_with_only_the_auxiliary_loss_backpropagating(monkeypatch):
     assert torch.count_nonzero(router_fused) > 0
 
 
+@pytest.mark.parametrize("backend", ["grouped_mm", "bmm"])
+def test_layer_op_computes_only_the_gradients_asked_for(monkeypatch, backend):
+    """Frozen experts and tokens without a gradient (a router-only fine-tune): the layer op's backward leaves them
+    out (no weight-gradient matmul at all) and the router's gradient equals the staged path's; with only x asking,
+    x's gradient equals the staged path's and the backward runs the two input-gradient matmuls only."""
+    force_triton(monkeypatch)
+    fused_applies, use_fused = moe_module.fused_layer_applies, [True]
+    monkeypatch.setattr(moe_module, "fused_layer_applies", lambda *args: use_fused[0] and fused_applies(*args))
+    calls = []
+    for name in ("_grouped_mm", "bmm"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, original=original, **k: calls.append(1) or original(*a, **k))
+    for trainable, backward_matmuls in ((("router.weight",), 0), (("x",), 2)):
+        results = []
+        for fused in (True, False):
+            use_fused[0] = fused
+            moe, x, mask = _layer_case(backend)
+            x.requires_grad_("x" in trainable)
+            for name, p in moe.named_parameters():
+                p.requires_grad_(name in trainable)
+            out, aux = moe(x, mask=mask, return_aux=True)
+            assert ("_MoELayerEagerBackward" in autograd_node_names(out)) == fused
+            calls.clear()
+            torch.autograd.backward([out, aux.loss], [torch.randn_like(out), None])
+            results.append((x.grad, {name: p.grad for name, p in moe.named_parameters()}, len(calls)))
+        (x_fused, fused_grads, fused_matmuls), (x_staged, staged_grads, _) = results
+        for name, grad in fused_grads.items():
+            if name in trainable:
+                assert torch.equal(grad, staged_grads[name])
+            else:
+                assert grad is None and staged_grads[name] is None
+        assert (x_fused is None) == ("x" not in trainable)
+        if "x" in trainable:
+            assert torch.equal(x_fused, x_staged)
+        assert fused_matmuls == backward_matmuls
+
+
 def test_layer_op_falls_back_to_the_stages(monkeypatch):
     """Mixed dtypes, autocast, jitter on the router's input or swiglu experts: the staged path (the layer op's fake
     states its outputs' dtypes, the jittered router reads another tensor than the tokens, and swiglu has no fused
@@ -212,9 +249,10 @@ def test_layer_ops_pass_opcheck():
                 torch.library.opcheck(moe_layer.moe_layer_op, inputs)
                 outputs = moe_layer.moe_layer_op(*[t.detach() if isinstance(t, torch.Tensor) else t for t in inputs])
                 saved = [t.detach() for t in (x, router, w1, b1, w2, b2)]
-                torch.library.opcheck(moe_layer.moe_layer_bwd_op, (
-                    torch.randn(11, 8), torch.randn(()), None, *saved, args[0], *outputs[4:], args[4], args[5],
-                    0.1, 0.01, activation))
+                for needs in ((True,) * 6, (True, False, False, True, False, True)):
+                    torch.library.opcheck(moe_layer.moe_layer_bwd_op, (
+                        torch.randn(11, 8), torch.randn(()), None, *saved, args[0], *outputs[4:], args[4], args[5],
+                        0.1, 0.01, activation, *needs))
     finally:
         torch.set_default_device(None)
 
