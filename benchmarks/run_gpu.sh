@@ -3,7 +3,7 @@
 # $OUT/gpu_results.tgz ($OUT: the device tool's output folder). Usage (repo root; the lent image had no loguru in
 # 2026-11, so carry its wheel in .whl/, see the device tool's README):
 #   bash benchmarks/run_gpu.sh [STAGE ...]   stages: tests quicktests scan block moe memory decode profile
-#   profile_scan profile_moe profile_moe_compiled moe_breakdown moecompile ncu_moe moegemm fusedgemm tunemoe moe_capture profile_decode moetests scantests decodelinear conv convsweep ncu tune (default: tests scan block moe memory decode profile)
+#   profile_scan profile_moe profile_moe_compiled moe_breakdown moecompile ncu_moe moegemm fusedgemm tmagemm tunemoe moe_capture profile_decode moetests scantests decodelinear conv convsweep ncu tune (default: tests scan block moe memory decode profile)
 # The device's copy of the tree has no .git: `git checkout` there does nothing, so a stage cannot fall back to
 # committed files; run it on a tree where every imported file is present.
 set -uo pipefail
@@ -61,6 +61,9 @@ for w in $what; do
     # Experiment: the expert FFN's grouped GEMMs with bias + GELU (forward) and GELU' + bias partials (dX) fused in
     # Triton epilogues, against grouped_mm + the separate kernels (not used by the library yet).
     fusedgemm) python3 benchmarks/try_fused_expert_gemm.py 2>&1 | tee "$OUT/fused_gemm.log" ;;
+    # The same with TMA operand loads, one tile per program or persistent.
+    tmagemm) python3 benchmarks/try_tma_expert_gemm.py 2>&1 | tee "$OUT/tma_gemm.log" ;;
+    tmagemms) python3 benchmarks/try_tma_expert_gemm.py --gemms 2>&1 | tee "$OUT/tma_gemms.log" ;;
     # Whole-step CUDA-graph captures of SwitchMoE, repeated per backend and capture mode (failures print tracebacks).
     moe_capture) for mode in global thread_local; do python3 benchmarks/debug_moe_capture.py --repeat 3 --mode $mode; \
               done 2>&1 | tee "$OUT/moe_capture.log" ;;

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from mamba_r1.ops import eager_custom_ops
 from mamba_r1.ops.eager_custom_ops import backward_op, eager_function, run_op
-from mamba_r1.ops.moe_dispatch import DispatchPlan, expert_ffn, grouped_matmul
+from mamba_r1.ops.moe_dispatch import DispatchPlan, expert_ffn
+from mamba_r1.ops.moe_grouped_gemm import grouped_gemm, grouped_matmul
 from mamba_r1.ops.triton_runtime import (
     built_for_interpreter,
     cdiv,
@@ -296,21 +297,23 @@ def bias_act(h: torch.Tensor, bias: torch.Tensor, plan: DispatchPlan, activation
 
 
 def _ffn_matmul(x: Tensor, w: Tensor, plan: DispatchPlan) -> Tensor:
-    """(slots, in) buffer rows @ each row's expert's (in, out) weight -> (slots, out): torch._grouped_mm over the
-    grouped plan's segments, or a bmm over the padded plan's (num_experts, capacity) blocks."""
+    """(slots, in) buffer rows @ each row's expert's (in, out) weight -> (slots, out): the grouped GEMM kernel (or
+    torch._grouped_mm where it does not apply) over the grouped plan's segments, or a bmm over the padded plan's
+    (num_experts, capacity) blocks."""
     if plan.group_ends is not None:
-        return torch._grouped_mm(x, w, offs=plan.group_ends)
+        return grouped_gemm(x, w, plan.group_ends)
     num_experts = w.shape[0]
     return torch.bmm(x.view(num_experts, plan.capacity, x.shape[-1]), w).view(-1, w.shape[-1])
 
 
 def _ffn_matmul_backward(x: Tensor, w: Tensor, grad: Tensor, plan: DispatchPlan, need_x: bool, need_w: bool):
     """Gradients of _ffn_matmul for x (slots, in) and w (num_experts, in, out) from grad (slots, out), as
-    _GroupedMatmul's backward and autograd's bmm backward compute them."""
+    _GroupedMatmul's backward and autograd's bmm backward compute them (x's through the grouped GEMM kernel where it
+    applies; the weight's, grouped along the rows, on torch._grouped_mm)."""
     grad_x = grad_w = None
     if plan.group_ends is not None:
         if need_x:
-            grad_x = torch._grouped_mm(grad, w.transpose(-2, -1), offs=plan.group_ends)
+            grad_x = grouped_gemm(grad, w.transpose(-2, -1), plan.group_ends)
         if need_w:
             grad_w = torch._grouped_mm(x.t(), grad, offs=plan.group_ends)
         return grad_x, grad_w

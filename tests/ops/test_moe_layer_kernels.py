@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mamba_r1.modules.moe as moe_module
+import mamba_r1.ops.moe_expert_ffn as moe_expert_ffn
 import mamba_r1.ops.moe_layer as moe_layer
 from mamba_r1.modules.moe import SwitchMoE
 from mamba_r1.ops import eager_custom_ops
@@ -188,10 +189,20 @@ def test_layer_op_computes_only_the_gradients_asked_for(monkeypatch, backend):
     force_triton(monkeypatch)
     fused_applies, use_fused = moe_module.fused_layer_applies, [True]
     monkeypatch.setattr(moe_module, "fused_layer_applies", lambda *args: use_fused[0] and fused_applies(*args))
-    calls = []
-    for name in ("_grouped_mm", "bmm"):
-        original = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda *a, original=original, **k: calls.append(1) or original(*a, **k))
+    calls, depth = [], [0]
+
+    def counting(original):  # one count per product: grouped_gemm's own fallback to torch._grouped_mm is not another
+        def call(*args, **kwargs):
+            calls.extend([1] if depth[0] == 0 else [])
+            depth[0] += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return call
+
+    for owner, name in ((torch, "_grouped_mm"), (torch, "bmm"), (moe_expert_ffn, "grouped_gemm")):
+        monkeypatch.setattr(owner, name, counting(getattr(owner, name)))
     for trainable, backward_matmuls in ((("router.weight",), 0), (("x",), 2)):
         results = []
         for fused in (True, False):
