@@ -22,6 +22,8 @@ of the blocks (TMA wants 16-byte row strides: K and N multiples of 8 in half pre
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -29,10 +31,8 @@ from mamba_r1.ops.eager_custom_ops import backward_op, eager_function, run_op
 from mamba_r1.ops.triton_runtime import HALF_DTYPES, built_for_interpreter, cdiv, next_power_of_2, tl, triton
 from mamba_r1.ops.triton_runtime import jit as _jit
 
-try:  # triton >= 3.3; older ones have no host tensor descriptors (torch._grouped_mm is used instead)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - only with an old or absent triton
-    TensorDescriptor = None
+# In-kernel tensor descriptors (tl.make_tensor_descriptor) came with triton 3.3; older ones use torch._grouped_mm.
+HAS_DESCRIPTORS = tl is not None and hasattr(tl, "make_tensor_descriptor")
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) on Hopper for N >= 256, and for narrower outputs. The best of seven tiles
 # (128-256 rows x 64-256 columns x 64-128 deep, 4 or 8 warps, 3-5 stages) on every one of the four products at
@@ -63,12 +63,21 @@ def _row_tile(pid_m, group_ends_ptr, num_experts, BLOCK_M: tl.constexpr, E_PAD: 
 
 
 @_jit
-def _grouped_gemm_kernel(x_desc, w_desc, group_ends_ptr, out_ptr, K, N, num_experts, NUM_PROGRAMS,
+def _grouped_gemm_kernel(x_ptr, w_ptr, group_ends_ptr, out_ptr, rows, K, N, num_experts, NUM_PROGRAMS,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
                          W_TRANSPOSED: tl.constexpr):
     """out (rows, N) = x (rows, K) @ w[e] for each expert's rows; w[e] (K, N) at rows e * K of w's (E * K, N) view,
     or, W_TRANSPOSED, (N, K) at rows e * N of its (E * N, K) view, read transposed. Program p takes tiles p,
-    p + NUM_PROGRAMS, ... of the (row tile, column tile) grid."""
+    p + NUM_PROGRAMS, ... of the (row tile, column tile) grid. The tensor descriptors are made here, once per
+    program (host-made ones cost the launch ~60 µs of host time on the lent H200's host, against ~25 for plain
+    arguments: try_tma_expert_gemm.py --host)."""
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[rows, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if W_TRANSPOSED:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts * N, K], strides=[K, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts * K, N], strides=[N, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
     n_tiles = tl.cdiv(N, BLOCK_N)
     _, _, _, row_tiles = _row_tile(0, group_ends_ptr, num_experts, BLOCK_M, E_PAD)
     for tile in tl.range(tl.program_id(0), row_tiles * n_tiles, NUM_PROGRAMS, flatten=True):
@@ -88,6 +97,28 @@ def _grouped_gemm_kernel(x_desc, w_desc, group_ends_ptr, out_ptr, K, N, num_expe
                  mask=mask)
 
 
+def _scratch(size: int, alignment: int, stream) -> Tensor:
+    """Global memory Triton asks for at a launch (the in-kernel tensor descriptors, 128 bytes each per program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Give Triton an allocator for the descriptors' scratch unless one is set. Triton keeps it in a context
+    variable, per thread: the autograd engine's device thread starts without one, so every launch checks."""
+    allocation = getattr(getattr(triton, "runtime", None), "_allocation", None)
+    current, null = getattr(allocation, "_allocator", None), getattr(allocation, "NullAllocator", None)
+    if current is None or null is None or isinstance(current.get(), null):
+        triton.set_allocator(_scratch)
+
+
+@functools.cache
+def _sm_count_if_hopper(device_index: int | None) -> int:
+    """The GPU's SM count if it is a Hopper (sm90: the kernel's tiles were tuned there), else 0. Cached: a launch
+    costs the host enough already (two property look-ups were a few µs of each call)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device() if device_index is None else device_index)
+    return props.multi_processor_count if props.major == 9 else 0
+
+
 def _weight_layout(w: Tensor) -> tuple[Tensor, bool] | None:
     """(contiguous weight, whether it is read transposed) for a (E, K, N) ``w``: w itself when contiguous, the
     (E, N, K) tensor under it when w is its transposed view; None for any other layout."""
@@ -103,12 +134,12 @@ def grouped_gemm_applies(x: Tensor, w: Tensor) -> bool:
     """Whether ``grouped_gemm`` runs the kernel for x (rows, K) and w (E, K, N): on a Hopper GPU (sm90) in float16 or
     bfloat16, or on CPU under Triton's interpreter in float32 (the tests' way); x contiguous, w contiguous or the
     transposed view of a contiguous weight, both 16-byte aligned with rows of 16-byte multiples (TMA's rules)."""
-    if triton is None or TensorDescriptor is None or x.dim() != 2 or w.dim() != 3 or x.dtype != w.dtype:
+    if not HAS_DESCRIPTORS or x.dim() != 2 or w.dim() != 3 or x.dtype != w.dtype:
         return False
     if x.shape[1] == 0 or w.shape[0] == 0:
         return False
     if x.device.type == "cuda":
-        if x.dtype not in HALF_DTYPES or torch.cuda.get_device_capability(x.device)[0] != 9:
+        if x.dtype not in HALF_DTYPES or _sm_count_if_hopper(x.device.index) == 0:
             return False
     elif not (x.device.type == "cpu" and x.dtype == torch.float32 and built_for_interpreter(_grouped_gemm_kernel)):
         return False
@@ -140,14 +171,14 @@ def grouped_gemm(x: Tensor, w: Tensor, group_ends: Tensor) -> Tensor:
     if rows == 0 or n == 0:
         return out
     tiles = (cdiv(rows, block_m) + num_experts) * cdiv(n, block_n)  # an upper bound on the real tiles
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else INTERPRET_PROGRAMS
+    sms = _sm_count_if_hopper(x.device.index) if x.is_cuda else INTERPRET_PROGRAMS
     programs = min(tiles, sms)
-    w_view = w_base.view(-1, w_base.shape[-1])  # (E * K, N), or (E * N, K) when read transposed
+    if x.is_cuda:
+        _ensure_allocator()
     _grouped_gemm_kernel[(programs,)](
-        TensorDescriptor.from_tensor(x, [block_m, block_k]),
-        TensorDescriptor.from_tensor(w_view, [block_n, block_k] if transposed else [block_k, block_n]),
-        group_ends, out, k, n, num_experts, programs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        E_PAD=max(2, next_power_of_2(num_experts)), W_TRANSPOSED=transposed, num_warps=warps, num_stages=stages)
+        x, w_base, group_ends, out, rows, k, n, num_experts, programs, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, E_PAD=max(2, next_power_of_2(num_experts)), W_TRANSPOSED=transposed, num_warps=warps,
+        num_stages=stages)
     return out
 
 
