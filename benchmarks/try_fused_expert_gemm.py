@@ -213,10 +213,14 @@ def check(rows_per_expert, k, n, dtype, device, blocks, tol):
     grad_b = torch.stack([part.sum(0) for part in partial[:sum(tiles)].split(tiles)])
     errors = {"pre": rel(pre, want_pre), "gelu": rel(out, want_out), "grad_h": rel(grad_h, want_grad_h),
               "grad_b": rel(grad_b, want_grad_b)}
+    return within(errors, tol, f"fused kernels at {rows_per_expert} x {k} -> {n}, {dtype}, blocks {blocks}")
+
+
+def within(errors: dict[str, float], tol: float, what: str) -> dict[str, float]:
+    """errors when every one is within tol (NaN is not), else exit naming what disagreed with the reference."""
     bad = {name: err for name, err in errors.items() if not err <= tol}
     if bad:
-        raise SystemExit(f"fused kernels disagree with the float32 reference at {rows_per_expert} x {k} -> {n}, "
-                         f"{dtype}, blocks {blocks}: {bad}")
+        raise SystemExit(f"{what} disagree with the float32 reference: {bad}")
     return errors
 
 
@@ -240,14 +244,17 @@ def smoke():
           + ", ".join(f"{e:.1e}" for e in errors))
 
 
+def balanced_case(a):
+    """(rows per expert, dtype, device, FLOPs of one product) of the benchmarks: the layer's shape, balanced."""
+    return [a.tokens // a.experts] * a.experts, torch.bfloat16, "cuda", 2 * a.tokens * a.dim * a.expert_dim
+
+
 def bench(a):
     from common import queued_gpu_us
 
-    rows_per_expert = [a.tokens // a.experts] * a.experts
-    dtype, device = torch.bfloat16, "cuda"
+    rows_per_expert, dtype, device, flops = balanced_case(a)
     x, w1, b1, w2, grad_y, group_ends, expert_of_row = inputs(rows_per_expert, a.dim, a.expert_dim, dtype, device)
     expert_of_row = expert_of_row.to(torch.int64)
-    flops = 2 * a.tokens * a.dim * a.expert_dim
 
     def ms(fn):  # the calls enqueued behind a GPU sleep: the host's launch cost stays out of the figure
         return queued_gpu_us(fn) / 1e3
@@ -296,17 +303,26 @@ def bench(a):
         print(f"  {blocks}: {1e3 * t:.1f} µs ({1e3 * (t - base_step):+.1f} µs vs now)")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The experiments' shared arguments: --smoke and the layer's shape (TARGETS.md's by default)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="correctness at small shapes (CPU: TRITON_INTERPRET=1)")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--expert-dim", type=int, default=4096)
     p.add_argument("--experts", type=int, default=8)
-    a = p.parse_args()
+    return p
+
+
+def check_smoke_runtime() -> None:
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--smoke on CPU needs TRITON_INTERPRET=1 set before the run")
+
+
+def main():
+    a = parser(__doc__).parse_args()
     if a.smoke:
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            raise SystemExit("--smoke on CPU needs TRITON_INTERPRET=1 set before the run")
+        check_smoke_runtime()
         smoke()
     else:
         bench(a)

@@ -19,14 +19,11 @@ expert's rows (the last row tile of an expert also covers the next expert's firs
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
-from try_fused_expert_gemm import _tile_of, inputs, reference, rel
+from try_fused_expert_gemm import _tile_of, balanced_case, check_smoke_runtime, inputs, parser, reference, rel, within
 
 from mamba_r1.ops import moe_expert_ffn
 
@@ -44,6 +41,30 @@ def _real_row_tiles(group_ends_ptr, num_experts, BLOCK_M: tl.constexpr, E_PAD: t
 
 
 @triton.jit
+def _tile_product(tile, n_tiles, a_desc, w_desc, group_ends_ptr, num_experts, K, N, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr, W_TRANSPOSED: tl.constexpr):
+    """Tile `tile` of the (row tile, column tile) grid, column tiles fastest: (row tile, expert, its columns, their
+    mask, the (rows, N) offsets of the tile, the mask of its expert's rows and columns, a @ w[e] over the tile in
+    float32). w[e] (K, N) at rows e * K of w's (E * K, N) view, or, W_TRANSPOSED, (N, K) at rows e * N of its
+    (E * N, K) view, read transposed."""
+    pid_m = tile // n_tiles
+    n0 = (tile % n_tiles) * BLOCK_N
+    expert, row0, end, _ = _tile_of(pid_m, group_ends_ptr, num_experts, BLOCK_M, E_PAD)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = a_desc.load([row0, k0])  # (BLOCK_M, BLOCK_K), zero past K and past the last row
+        if W_TRANSPOSED:
+            acc = tl.dot(a, w_desc.load([expert * N + n0, k0]).T, acc)  # (BLOCK_N, BLOCK_K) read transposed
+        else:
+            acc = tl.dot(a, w_desc.load([expert * K + k0, n0]), acc)  # (BLOCK_K, BLOCK_N)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mask = (offs_m < end)[:, None] & mask_n[None, :]
+    return pid_m, expert, offs_n, mask_n, offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], mask, acc
+
+
+@triton.jit
 def _fwd_kernel(x_desc, w_desc, bias_ptr, group_ends_ptr, pre_ptr, out_ptr, K, N, num_experts, NUM_PROGRAMS,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
                 EPILOGUE: tl.constexpr):
@@ -52,19 +73,8 @@ def _fwd_kernel(x_desc, w_desc, bias_ptr, group_ends_ptr, pre_ptr, out_ptr, K, N
     n_tiles = tl.cdiv(N, BLOCK_N)
     num_tiles = _real_row_tiles(group_ends_ptr, num_experts, BLOCK_M, E_PAD) * n_tiles
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
-        pid_m = tile // n_tiles
-        n0 = (tile % n_tiles) * BLOCK_N
-        expert, row0, end, _ = _tile_of(pid_m, group_ends_ptr, num_experts, BLOCK_M, E_PAD)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = x_desc.load([row0, k0])  # (BLOCK_M, BLOCK_K), zero past K and past the last row
-            b = w_desc.load([expert * K + k0, n0])  # (BLOCK_K, BLOCK_N)
-            acc = tl.dot(a, b, acc)
-        offs_m = row0 + tl.arange(0, BLOCK_M)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        tile_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        mask = (offs_m < end)[:, None] & mask_n[None, :]
+        _, expert, offs_n, mask_n, tile_offs, mask, acc = _tile_product(
+            tile, n_tiles, x_desc, w_desc, group_ends_ptr, num_experts, K, N, BLOCK_M, BLOCK_N, BLOCK_K, E_PAD, False)
         if EPILOGUE == 1:
             acc += tl.load(bias_ptr + expert * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             pre = acc.to(pre_ptr.dtype.element_ty)
@@ -84,19 +94,9 @@ def _dx_kernel(grad_y_desc, w_desc, pre_ptr, group_ends_ptr, grad_h_ptr, partial
     n_tiles = tl.cdiv(N, BLOCK_N)
     num_tiles = _real_row_tiles(group_ends_ptr, num_experts, BLOCK_M, E_PAD) * n_tiles
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
-        pid_m = tile // n_tiles
-        n0 = (tile % n_tiles) * BLOCK_N
-        expert, row0, end, _ = _tile_of(pid_m, group_ends_ptr, num_experts, BLOCK_M, E_PAD)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = grad_y_desc.load([row0, k0])  # (BLOCK_M, BLOCK_K)
-            b = w_desc.load([expert * N + n0, k0])  # (BLOCK_N, BLOCK_K): w[e] rows n0.., read transposed
-            acc = tl.dot(a, b.T, acc)
-        offs_m = row0 + tl.arange(0, BLOCK_M)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        tile_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        mask = (offs_m < end)[:, None] & mask_n[None, :]
+        pid_m, _, offs_n, mask_n, tile_offs, mask, acc = _tile_product(
+            tile, n_tiles, grad_y_desc, w_desc, group_ends_ptr, num_experts, K, N, BLOCK_M, BLOCK_N, BLOCK_K, E_PAD,
+            True)
         pre = tl.load(pre_ptr + tile_offs, mask=mask, other=0.0).to(tl.float32)
         # Rounded to the dtype as the composition's grad_hidden is, then times GELU'(pre).
         grad_h = acc.to(grad_h_ptr.dtype.element_ty).to(tl.float32) * moe_expert_ffn._act_grad(pre, GELU)
@@ -114,21 +114,9 @@ def _gemm_kernel(a_desc, w_desc, group_ends_ptr, out_ptr, K, N, num_experts, NUM
     n_tiles = tl.cdiv(N, BLOCK_N)
     num_tiles = _real_row_tiles(group_ends_ptr, num_experts, BLOCK_M, E_PAD) * n_tiles
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
-        pid_m = tile // n_tiles
-        n0 = (tile % n_tiles) * BLOCK_N
-        expert, row0, end, _ = _tile_of(pid_m, group_ends_ptr, num_experts, BLOCK_M, E_PAD)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = a_desc.load([row0, k0])
-            if W_TRANSPOSED:
-                acc = tl.dot(a, w_desc.load([expert * N + n0, k0]).T, acc)
-            else:
-                acc = tl.dot(a, w_desc.load([expert * K + k0, n0]), acc)
-        offs_m = row0 + tl.arange(0, BLOCK_M)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask = (offs_m < end)[:, None] & (offs_n < N)[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=mask)
+        _, _, _, _, tile_offs, mask, acc = _tile_product(tile, n_tiles, a_desc, w_desc, group_ends_ptr, num_experts,
+                                                         K, N, BLOCK_M, BLOCK_N, BLOCK_K, E_PAD, W_TRANSPOSED)
+        tl.store(out_ptr + tile_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def grouped_gemm(a, w, group_ends, blocks, w_transposed=False, persistent=True):
@@ -247,11 +235,8 @@ def check(rows_per_expert, k, n, dtype, device, blocks, persistent, tol):
     want_plain = want_pre - torch.repeat_interleave(b1.float(), torch.tensor(rows_per_expert, device=device), dim=0)
     errors = {"pre": rel(pre, want_pre), "gelu": rel(out, want_out), "grad_h": rel(grad_h, want_grad_h),
               "grad_b": rel(grad_b, want_grad_b), "gemm only": rel(plain, want_plain)}
-    bad = {name: err for name, err in errors.items() if not err <= tol}
-    if bad:
-        raise SystemExit(f"TMA kernels disagree with the float32 reference at {rows_per_expert} x {k} -> {n}, "
-                         f"{dtype}, blocks {blocks}, persistent {persistent}: {bad}")
-    return errors
+    return within(errors, tol, f"TMA kernels at {rows_per_expert} x {k} -> {n}, {dtype}, blocks {blocks}, "
+                               f"persistent {persistent}")
 
 
 def smoke():
@@ -280,11 +265,9 @@ def smoke():
 def bench(a):
     from common import queued_gpu_us
 
-    rows_per_expert = [a.tokens // a.experts] * a.experts
-    dtype, device = torch.bfloat16, "cuda"
+    rows_per_expert, dtype, device, flops = balanced_case(a)
     x, w1, b1, w2, grad_y, group_ends, expert_of_row = inputs(rows_per_expert, a.dim, a.expert_dim, dtype, device)
     expert_of_row = expert_of_row.to(torch.int64)
-    flops = 2 * a.tokens * a.dim * a.expert_dim
 
     def us(fn):
         return queued_gpu_us(fn)
@@ -418,18 +401,12 @@ def bench_host(calls: int = 300):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="correctness at small shapes (CPU: TRITON_INTERPRET=1)")
+    p = parser(__doc__)
     p.add_argument("--gemms", action="store_true", help="the plain grouped GEMMs only, against grouped_mm")
     p.add_argument("--host", action="store_true", help="host cost per call: the library's grouped_gemm vs grouped_mm")
-    p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--expert-dim", type=int, default=4096)
-    p.add_argument("--experts", type=int, default=8)
     a = p.parse_args()
     if a.smoke:
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            raise SystemExit("--smoke on CPU needs TRITON_INTERPRET=1 set before the run")
+        check_smoke_runtime()
         smoke()
     elif a.gemms:
         bench_gemms(a)
