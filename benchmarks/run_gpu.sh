@@ -37,10 +37,10 @@ for w in $what; do
     # The scan kernels against the float64 reference (hypothesis compiles many specialisations: minutes cold).
     scantests) timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short \
               tests/ops/test_selective_scan_triton.py 2>&1 | tail -40 | tee "$OUT/scantests.log" ;;
-    # The MoE kernels (routing + plan + losses, combine, bias + activation) and the layer.
+    # The MoE kernels (routing + plan + losses, combine, bias + activation, grouped GEMM) and the layer.
     moetests) timeout 420 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/ops/test_moe_routing.py \
               tests/ops/test_moe_combine.py tests/ops/test_moe_expert_ffn.py tests/ops/test_moe_layer_kernels.py \
-              tests/modules/test_moe.py tests/ops/test_moe_dispatch.py 2>&1 | tail -60 | tee "$OUT/moetests.log" ;;
+              tests/modules/test_moe.py tests/ops/test_moe_dispatch.py tests/ops/test_moe_grouped_gemm.py 2>&1 | tail -60 | tee "$OUT/moetests.log" ;;
     scan)   python3 benchmarks/bench_scan.py --device cuda --preset targets --out "$OUT/scan_cuda.json" 2>&1 | tee "$OUT/scan.log" ;;
     block)  python3 benchmarks/bench_block.py --device cuda 2>&1 | tee "$OUT/block.log" ;;
     moe)    python3 benchmarks/bench_moe.py --device cuda 2>&1 | tee "$OUT/moe.log" ;;
