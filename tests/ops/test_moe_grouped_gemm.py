@@ -1,6 +1,9 @@
 """The grouped GEMM kernel against a float64 per-expert loop (its specification) and torch._grouped_mm (its fallback):
 odd segment sizes, empty experts, K and N not multiples of the tiles, both weight layouts; where it applies and where
-it falls back; the fused expert FFN's results with it against the torch path."""
+it falls back; its differentiable form against moe_dispatch.grouped_matmul; opcheck of both ops; Triton's scratch
+allocator. The fused expert FFN and the layer op run it too (test_moe_expert_ffn.py, test_moe_layer_kernels.py)."""
+
+import contextvars
 
 import pytest
 import torch
@@ -134,3 +137,23 @@ def test_op_passes_opcheck():
     for need_x, need_w in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(moe_grouped_gemm.moe_grouped_gemm_bwd_op,
                               (grad, x.detach(), w.detach(), ends, need_x, need_w))
+
+
+def test_triton_allocator_is_set_only_when_missing():
+    """The in-kernel descriptors need Triton's scratch allocator: set when the thread has none (the autograd engine's
+    device thread starts without one), a user's own left in place. Triton keeps it in a context variable, so each
+    case runs in a fresh copy of the context."""
+    allocation = pytest.importorskip("triton.runtime._allocation")
+    if not hasattr(allocation, "_allocator") or not hasattr(allocation, "NullAllocator"):
+        pytest.skip("this triton keeps its allocator elsewhere")
+
+    def after(start):
+        allocation._allocator.set(start)
+        moe_grouped_gemm._ensure_allocator()
+        return allocation._allocator.get()
+
+    def users_allocator(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    assert contextvars.copy_context().run(after, allocation.NullAllocator()) is moe_grouped_gemm._scratch
+    assert contextvars.copy_context().run(after, users_allocator) is users_allocator
