@@ -119,7 +119,7 @@ def _gemm_kernel(a_desc, w_desc, group_ends_ptr, out_ptr, K, N, num_experts, NUM
         tl.store(out_ptr + tile_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def grouped_gemm(a, w, group_ends, blocks, w_transposed=False, persistent=True):
+def descriptor_gemm(a, w, group_ends, blocks, w_transposed=False, persistent=True):
     """(rows, K) a, rows sorted by expert, (E, K, N) w (or (E, N, K) read transposed) -> (rows, N) in a's dtype."""
     block_m, block_n, block_k, warps, stages = blocks
     rows, k = a.shape
@@ -251,9 +251,9 @@ def smoke():
             for a, w, transposed in ((x, w1, False), (grad_y, w2, True)):
                 want = torch.cat([ae @ (we.t() if transposed else we)
                                   for ae, we in zip(a.split(rows_per_expert), w)])
-                got = grouped_gemm(a, w, group_ends, (16, 16, 16, 1, 1), transposed, persistent)
+                got = descriptor_gemm(a, w, group_ends, (16, 16, 16, 1, 1), transposed, persistent)
                 if not rel(got, want) <= 1e-5:
-                    raise SystemExit(f"grouped_gemm (transposed {transposed}) disagrees: {rel(got, want):.1e}")
+                    raise SystemExit(f"descriptor_gemm (transposed {transposed}) disagrees: {rel(got, want):.1e}")
             if persistent:  # the weight gradient's kernel is always persistent
                 want = torch.stack([ae.t() @ be for ae, be in zip(x.split(rows_per_expert),
                                                                   grad_y.split(rows_per_expert))])
@@ -318,15 +318,15 @@ def bench_gemms(a):
         hidden = torch.randn(a.tokens, a.expert_dim, device="cuda", dtype=torch.bfloat16)
         # name: (ours, grouped_mm's): the four row-grouped products, then the two weight gradients (K-grouped)
         return {
-            "fwd x @ w1 (K 1024, N 4096)": (lambda b: grouped_gemm(x, w1, group_ends, b),
+            "fwd x @ w1 (K 1024, N 4096)": (lambda b: descriptor_gemm(x, w1, group_ends, b),
                                             lambda: torch._grouped_mm(x, w1, offs=group_ends)),
-            "fwd h @ w2 (K 4096, N 1024)": (lambda b: grouped_gemm(hidden, w2, group_ends, b),
+            "fwd h @ w2 (K 4096, N 1024)": (lambda b: descriptor_gemm(hidden, w2, group_ends, b),
                                             lambda: torch._grouped_mm(hidden, w2, offs=group_ends)),
             "dX grad_y @ w2^T (K 1024, N 4096)": (
-                lambda b: grouped_gemm(grad_y, w2, group_ends, b, w_transposed=True),
+                lambda b: descriptor_gemm(grad_y, w2, group_ends, b, w_transposed=True),
                 lambda: torch._grouped_mm(grad_y, w2.transpose(-2, -1), offs=group_ends)),
             "dX grad_h @ w1^T (K 4096, N 1024)": (
-                lambda b: grouped_gemm(hidden, w1, group_ends, b, w_transposed=True),
+                lambda b: descriptor_gemm(hidden, w1, group_ends, b, w_transposed=True),
                 lambda: torch._grouped_mm(hidden, w1.transpose(-2, -1), offs=group_ends)),
             "dW1 x^T @ grad_h (M 1024, N 4096)": (lambda b: wgrad_gemm(x, hidden, group_ends, b),
                                                   lambda: torch._grouped_mm(x.t(), hidden, offs=group_ends)),
@@ -375,8 +375,9 @@ def bench_gemms(a):
 
 
 def bench_host(calls: int = 300):
-    """Host µs per call of the library's grouped_gemm (a Triton launch with two tensor descriptors) against
-    torch._grouped_mm, at a shape small enough for the host to dominate: calls enqueued back to back, best of 5."""
+    """Host µs per call of the library's grouped_gemm (one Triton launch; host-made tensor descriptors until the
+    tenth session's call 7, made in the kernel since) against torch._grouped_mm, at a shape small enough for the host
+    to dominate: calls enqueued back to back, best of 5."""
     import time
 
     from mamba_r1.ops.moe_grouped_gemm import grouped_gemm, grouped_gemm_applies

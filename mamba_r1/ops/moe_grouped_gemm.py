@@ -33,6 +33,13 @@ from mamba_r1.ops.triton_runtime import jit as _jit
 
 # In-kernel tensor descriptors (tl.make_tensor_descriptor) came with triton 3.3; older ones use torch._grouped_mm.
 HAS_DESCRIPTORS = tl is not None and hasattr(tl, "make_tensor_descriptor")
+try:  # where triton keeps the allocator it calls for a kernel's scratch (3.3 to 3.9 at least)
+    from triton.runtime import _allocation as _ALLOCATION
+
+    if not (hasattr(_ALLOCATION, "_allocator") and hasattr(_ALLOCATION, "NullAllocator")):
+        _ALLOCATION = None
+except ImportError:  # pragma: no cover - only with an old or absent triton
+    _ALLOCATION = None
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) on Hopper for N >= 256, and for narrower outputs. The best of seven tiles
 # (128-256 rows x 64-256 columns x 64-128 deep, 4 or 8 warps, 3-5 stages) on every one of the four products at
@@ -104,10 +111,9 @@ def _scratch(size: int, alignment: int, stream) -> Tensor:
 
 def _ensure_allocator() -> None:
     """Give Triton an allocator for the descriptors' scratch unless one is set. Triton keeps it in a context
-    variable, per thread: the autograd engine's device thread starts without one, so every launch checks."""
-    allocation = getattr(getattr(triton, "runtime", None), "_allocation", None)
-    current, null = getattr(allocation, "_allocator", None), getattr(allocation, "NullAllocator", None)
-    if current is None or null is None or isinstance(current.get(), null):
+    variable, per thread: the autograd engine's device thread starts without one, so every launch checks (a triton
+    whose allocator lives elsewhere gets ours at every launch)."""
+    if _ALLOCATION is None or isinstance(_ALLOCATION._allocator.get(), _ALLOCATION.NullAllocator):
         triton.set_allocator(_scratch)
 
 
@@ -119,34 +125,38 @@ def _sm_count_if_hopper(device_index: int | None) -> int:
     return props.multi_processor_count if props.major == 9 else 0
 
 
-def _weight_layout(w: Tensor) -> tuple[Tensor, bool] | None:
-    """(contiguous weight, whether it is read transposed) for a (E, K, N) ``w``: w itself when contiguous, the
-    (E, N, K) tensor under it when w is its transposed view; None for any other layout."""
+def _kernel_layout(x: Tensor, w: Tensor) -> tuple[Tensor, bool] | None:
+    """(contiguous weight, whether the kernel reads it transposed) when the kernel runs for x (rows, K) and w
+    (E, K, N), None when torch._grouped_mm does: see grouped_gemm_applies. The weight is w itself when contiguous,
+    the (E, N, K) tensor under it when w is that tensor's transposed view."""
+    if not HAS_DESCRIPTORS or x.dim() != 2 or w.dim() != 3 or x.dtype != w.dtype:
+        return None
+    if x.shape[1] == 0 or w.shape[0] == 0:
+        return None
+    if x.device.type == "cuda":
+        if x.dtype not in HALF_DTYPES or _sm_count_if_hopper(x.device.index) == 0:
+            return None
+    elif not (x.device.type == "cpu" and x.dtype == torch.float32 and built_for_interpreter(_grouped_gemm_kernel)):
+        return None
+    if not x.is_contiguous():
+        return None
     if w.is_contiguous():
-        return w, False
-    w_t = w.transpose(-2, -1)
-    if w_t.is_contiguous():
-        return w_t, True
-    return None
+        w_base, transposed = w, False
+    elif w.transpose(-2, -1).is_contiguous():
+        w_base, transposed = w.transpose(-2, -1), True
+    else:
+        return None
+    row_bytes = (x.shape[1] * x.element_size(), w.shape[2] * w.element_size())
+    if any(b % 16 for b in row_bytes) or x.data_ptr() % 16 or w.data_ptr() % 16:
+        return None
+    return w_base, transposed
 
 
 def grouped_gemm_applies(x: Tensor, w: Tensor) -> bool:
     """Whether ``grouped_gemm`` runs the kernel for x (rows, K) and w (E, K, N): on a Hopper GPU (sm90) in float16 or
     bfloat16, or on CPU under Triton's interpreter in float32 (the tests' way); x contiguous, w contiguous or the
     transposed view of a contiguous weight, both 16-byte aligned with rows of 16-byte multiples (TMA's rules)."""
-    if not HAS_DESCRIPTORS or x.dim() != 2 or w.dim() != 3 or x.dtype != w.dtype:
-        return False
-    if x.shape[1] == 0 or w.shape[0] == 0:
-        return False
-    if x.device.type == "cuda":
-        if x.dtype not in HALF_DTYPES or _sm_count_if_hopper(x.device.index) == 0:
-            return False
-    elif not (x.device.type == "cpu" and x.dtype == torch.float32 and built_for_interpreter(_grouped_gemm_kernel)):
-        return False
-    if not x.is_contiguous() or _weight_layout(w) is None:
-        return False
-    row_bytes = (x.shape[1] * x.element_size(), w.shape[2] * w.element_size())
-    return all(b % 16 == 0 for b in row_bytes) and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+    return _kernel_layout(x, w) is not None
 
 
 def _blocks(x: Tensor, n: int) -> tuple[int, int, int, int, int]:
@@ -161,9 +171,10 @@ def grouped_gemm(x: Tensor, w: Tensor, group_ends: Tensor) -> Tensor:
     ``grouped_gemm_applies``, torch._grouped_mm (the same result up to rounding) otherwise. Rows past the last
     segment's end are left unwritten, as torch._grouped_mm leaves them. Not differentiable (``grouped_matmul`` is):
     moe_expert_ffn's and moe_layer's own backwards call it for their input gradients."""
-    if not grouped_gemm_applies(x, w):
+    layout = _kernel_layout(x, w)
+    if layout is None:
         return torch._grouped_mm(x, w, offs=group_ends)
-    w_base, transposed = _weight_layout(w)
+    w_base, transposed = layout
     rows, k = x.shape
     num_experts, _, n = w.shape
     block_m, block_n, block_k, warps, stages = _blocks(x, n)
